@@ -1,0 +1,43 @@
+"""`monai-ld` command line. Each sub-command lives beside the code it drives; this file only wires them.
+
+A feature module exposes ``add_parser(subparsers)`` which registers its sub-command and sets ``func`` (a callable
+taking the parsed ``argparse.Namespace`` and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# (module, description) — imported lazily so `monai-ld --help` stays fast and one broken feature cannot hide the rest
+_COMMANDS: list[str] = [
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="monai-ld",
+        description="Latent Drifting counterfactuals for medical images (MONAI extension).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module in _COMMANDS:
+        importlib.import_module(module).add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"monai-ld {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
