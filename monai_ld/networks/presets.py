@@ -1,0 +1,100 @@
+"""Matching AutoencoderKL + DiffusionModelUNet (+ scheduler) configurations, 2D and 3D.
+
+Sizes:
+- ``"tiny"``: for tests (a forward pass in milliseconds).
+- ``"small"``: CPU-trainable (2D 128² -> latent 32², 3D 64³ -> latent 16³; see ENVIRONMENT.md's cost table).
+- ``"large"``: a GPU size in the spirit of MONAI's Brain LDM (channels 64/128/128/128 in the autoencoder).
+
+Every config is a plain dict of JSON types so it can live in a bundle config and in a ``weights_only`` checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+
+__all__ = ["SIZES", "autoencoder_config", "unet_config", "scheduler_config", "build_autoencoder", "build_unet", "build_scheduler"]
+
+SIZES = ("tiny", "small", "large")
+
+_AE = {
+    "tiny": dict(channels=[8, 16], num_res_blocks=1, attention_levels=[False, False], norm_num_groups=8,
+                 with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False),
+    "small": dict(channels=[32, 64, 64], num_res_blocks=1, attention_levels=[False, False, False], norm_num_groups=16,
+                  with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False),
+    "large": dict(channels=[64, 128, 128, 128], num_res_blocks=2, attention_levels=[False, False, False, False],
+                  norm_num_groups=32, with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False),
+}
+_UNET = {
+    "tiny": dict(channels=[16, 32], num_res_blocks=1, attention_levels=[False, True], norm_num_groups=8, num_head_channels=[0, 16]),
+    "small": dict(channels=[32, 64, 64], num_res_blocks=1, attention_levels=[False, True, True], norm_num_groups=16,
+                  num_head_channels=[0, 32, 32]),
+    "large": dict(channels=[128, 256, 512], num_res_blocks=2, attention_levels=[False, True, True], norm_num_groups=32,
+                  num_head_channels=[0, 64, 64]),
+}
+
+
+def _check(spatial_dims: int, size: str) -> None:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+
+
+def autoencoder_config(spatial_dims: int, size: str = "small", in_channels: int = 1, latent_channels: int = 3) -> dict[str, Any]:
+    """``AutoencoderKL`` kwargs; the latent is ``2**(len(channels)-1)`` times smaller per spatial axis."""
+    _check(spatial_dims, size)
+    return {"spatial_dims": spatial_dims, "in_channels": in_channels, "out_channels": in_channels,
+            "latent_channels": latent_channels, **_AE[size]}
+
+
+def unet_config(spatial_dims: int, latent_channels: int = 3, context_dim: int | None = None, size: str = "small",
+                concat_channels: int = 0) -> dict[str, Any]:
+    """``DiffusionModelUNet`` kwargs; cross-attention on ``context_dim`` when given, ``concat_channels`` extra inputs."""
+    _check(spatial_dims, size)
+    cfg = {"spatial_dims": spatial_dims, "in_channels": latent_channels + concat_channels, "out_channels": latent_channels,
+           **_UNET[size]}
+    if context_dim:
+        cfg.update(with_conditioning=True, cross_attention_dim=int(context_dim))
+    else:
+        cfg.update(attention_levels=[False] * len(cfg["channels"]), num_head_channels=8)
+    return cfg
+
+
+def scheduler_config(name: str = "DDIM", num_train_timesteps: int = 1000, num_inference_steps: int = 50,
+                     schedule: str = "scaled_linear_beta", beta_start: float = 0.0015, beta_end: float = 0.0205,
+                     prediction_type: str = "epsilon") -> dict[str, Any]:
+    """Scheduler settings as MONAI's Brain LDM bundle uses them (scaled-linear betas 0.0015-0.0205)."""
+    return {"name": name, "num_train_timesteps": num_train_timesteps, "num_inference_steps": num_inference_steps,
+            "schedule": schedule, "beta_start": beta_start, "beta_end": beta_end, "prediction_type": prediction_type}
+
+
+def build_autoencoder(config: dict[str, Any]) -> AutoencoderKL:
+    return AutoencoderKL(**config)
+
+
+def build_unet(config: dict[str, Any]) -> DiffusionModelUNet:
+    return DiffusionModelUNet(**config)
+
+
+def build_scheduler(config: dict[str, Any], num_inference_steps: int | None = None):
+    """A MONAI scheduler from :func:`scheduler_config`'s dict, timesteps set for inference."""
+    cfg = dict(config)
+    name = str(cfg.pop("name", "DDIM")).upper()
+    steps = int(num_inference_steps or cfg.pop("num_inference_steps", 50))
+    cfg.pop("num_inference_steps", None)
+    common = dict(num_train_timesteps=cfg.pop("num_train_timesteps"), schedule=cfg.pop("schedule"),
+                  prediction_type=cfg.pop("prediction_type", "epsilon"), **cfg)
+    if name == "DDIM":
+        sched = DDIMScheduler(clip_sample=False, **common)
+    elif name == "DDPM":
+        sched = DDPMScheduler(clip_sample=False, **common)
+    elif name == "PNDM":
+        common.pop("prediction_type")
+        sched = PNDMScheduler(skip_prk_steps=True, **common)
+    else:
+        raise ValueError(f"unknown scheduler {name!r}; accepted: DDIM, DDPM, PNDM")
+    sched.set_timesteps(steps)
+    return sched
