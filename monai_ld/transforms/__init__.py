@@ -2,7 +2,7 @@
 inversion back to the input space, and torchio interop. Array transform ``Foo`` + dictionary transform ``Food``."""
 
 from monai_ld.transforms.attributes import EncodeAttributes, EncodeAttributesd
-from monai_ld.transforms.chains import ForegroundAbove, brain_mri_transforms, chest_xray_transforms
+from monai_ld.transforms.chains import ForegroundAbove, PreprocessCompose, brain_mri_transforms, chest_xray_transforms
 from monai_ld.transforms.intensity import (
     InvertMonochrome1,
     InvertMonochrome1d,
@@ -33,6 +33,7 @@ __all__ = [
     "LoadMedicalImaged",
     "N4BiasFieldCorrection",
     "N4BiasFieldCorrectiond",
+    "PreprocessCompose",
     "ToGrayscale",
     "ToGrayscaled",
     "TorchIOSubjectd",

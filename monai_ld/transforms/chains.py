@@ -24,14 +24,41 @@ from monai.transforms import (
     Spacingd,
 )
 
-from monai_ld.conditioning import AttributeEncoder
+from monai_ld.conditioning import AttributeEncoder, ConditionError
 from monai_ld.transforms.attributes import EncodeAttributesd
 from monai_ld.transforms.intensity import InvertMonochrome1d, N4BiasFieldCorrectiond, ToGrayscaled
-from monai_ld.transforms.io import LoadMedicalImaged
+from monai_ld.transforms.io import ImageLoadError, LoadMedicalImaged
 from monai_ld.transforms.spatial import ExtractSliced
-from monai_ld.transforms.validation import ValidateImaged
+from monai_ld.transforms.validation import ImageValidationError, ValidateImaged
 
-__all__ = ["ForegroundAbove", "brain_mri_transforms", "chest_xray_transforms"]
+__all__ = ["ForegroundAbove", "PreprocessCompose", "brain_mri_transforms", "chest_xray_transforms"]
+
+_INPUT_ERRORS = (ImageLoadError, ImageValidationError, ConditionError)
+
+
+class PreprocessCompose(Compose):
+    """A :class:`monai.transforms.Compose` that reports bad input as the one clear error that found it.
+
+    MONAI wraps every exception raised inside a chain in ``RuntimeError("applying transform ...")`` and logs the data
+    statistics; for the input errors of this package (:class:`ImageLoadError`, :class:`ImageValidationError`,
+    :class:`~monai_ld.conditioning.ConditionError`) the original error is re-raised instead. Other errors (bugs) keep
+    MONAI's wrapping. Inversion (``inverse``, ``Invertd``) is plain ``Compose``.
+    """
+
+    def __init__(self, transforms, **kwargs):
+        kwargs.setdefault("log_stats", False)
+        super().__init__(transforms, **kwargs)
+
+    def __call__(self, input_, *args, **kwargs):
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as e:
+            cause = e
+            while cause is not None and not isinstance(cause, _INPUT_ERRORS):
+                cause = cause.__cause__
+            if cause is None:
+                raise
+            raise cause.with_traceback(cause.__traceback__) from None
 
 
 class ForegroundAbove:
@@ -72,7 +99,7 @@ def brain_mri_transforms(
     encoder: AttributeEncoder | Sequence[Mapping] | None = None,
     attribute_keys: Sequence[str] | None = None,
     condition_key: str = "condition",
-) -> Compose:
+) -> PreprocessCompose:
     """3D brain MRI -> ``(1, *spatial_size)`` float32 in ``[0, 1]`` (or ``(1, H, W)`` with ``slice_axis``).
 
     Steps (keys ``keys``; the first key drives the foreground crop):
@@ -115,7 +142,7 @@ def brain_mri_transforms(
     if slice_axis is not None:
         steps.append(ExtractSliced(keys, spatial_axis=slice_axis, index=slice_index))
     steps += _encoder_step(encoder, attribute_keys, condition_key)
-    return Compose(steps)
+    return PreprocessCompose(steps)
 
 
 def chest_xray_transforms(
@@ -126,7 +153,7 @@ def chest_xray_transforms(
     encoder: AttributeEncoder | Sequence[Mapping] | None = None,
     attribute_keys: Sequence[str] | None = None,
     condition_key: str = "condition",
-) -> Compose:
+) -> PreprocessCompose:
     """2D chest radiograph (DICOM / PNG / JPEG) -> ``(1, size, size)`` float32 in ``[0, 1]``, bright = dense.
 
     Steps: :class:`LoadMedicalImaged` (DICOM tags kept for the photometric check), ``EnsureChannelFirstd``,
@@ -150,4 +177,4 @@ def chest_xray_transforms(
         EnsureTyped(keys, dtype=torch.float32),
     ]
     steps += _encoder_step(encoder, attribute_keys, condition_key)
-    return Compose(steps)
+    return PreprocessCompose(steps)
