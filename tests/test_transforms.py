@@ -271,3 +271,42 @@ def test_torchio_subject_roundtrip_and_wrappers():
     can = TorchIOSubjectd(keys=["t1"], transform=tio.ToCanonical())(d)["t1"]
     assert nib.aff2axcodes(can.affine.numpy()) == ("R", "A", "S")
     torch.testing.assert_close(can[0].flip(0), d["t1"][0].float().as_tensor())
+
+
+def test_nrrd_input_in_lps_space(tmp_path):
+    import nrrd
+
+    ref = nib.load(ANATOMICAL)
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ ref.affine  # NRRD stores the LPS world affine
+    src = tmp_path / "anat.nrrd"
+    nrrd.write(str(src), ref.get_fdata().astype(np.float32),
+               {"space": "left-posterior-superior", "space directions": lps[:3, :3].T, "space origin": lps[:3, 3]})
+    tr = brain_mri_transforms(spatial_size=(40, 48, 32), pixdim=(2.0, 2.0, 2.0))
+    d = tr({"image": str(src)})
+    assert d["image"].shape == (1, 40, 48, 32)
+    restored = restore_to_input_space(d["image"], d, tr)
+    assert tuple(restored.shape[1:]) == ref.shape
+    np.testing.assert_allclose(restored.affine.numpy(), ref.affine, atol=1e-4)  # RAS, as the NIfTI of the same scan
+
+
+def test_failed_save_leaves_no_partial_file(tmp_path, monkeypatch):
+    import monai_ld.transforms.io as io_mod
+
+    img = MetaTensor(torch.rand(1, 4, 4, 4), affine=torch.eye(4))
+    previous = save_like_input(img, tmp_path / "x.nii.gz")
+    before = previous.read_bytes()
+
+    def interrupted_save(nii, path):  # a disk that fills up half-way through the write
+        Path(path).write_bytes(b"\x1f\x8b partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(io_mod.nib, "save", interrupted_save)
+    with pytest.raises(OSError, match="No space"):
+        save_like_input(img * 2, tmp_path / "x.nii.gz", overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.nii.gz"]  # no temporary left
+    assert previous.read_bytes() == before  # the earlier output is intact
+    with pytest.raises(ValueError, match="NIfTI"):
+        save_like_input(img, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="does not match"):
+        restore_to_input_space(torch.zeros(1, 5, 5, 5), {"image": brain_mri_transforms(spatial_size=(8, 8, 8))(
+            {"image": str(ANATOMICAL)})["image"]}, brain_mri_transforms(spatial_size=(8, 8, 8)))
