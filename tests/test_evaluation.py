@@ -82,7 +82,9 @@ def test_realism_identical_vs_shifted():
     assert image_mmd(imgs, imgs + 0.5) > image_mmd(imgs, torch.rand(8, 1, 8, 8, generator=_gen(4))) + 0.1
     rep = realism_metrics(f, shifted, "test-features", kid_subsets=5, kid_subset_size=50)
     assert rep["feature_network"] == "test-features" and rep["fid"] == pytest.approx(6.0, rel=1e-5)
-    assert rep["kid_mean"] > 0 and rep["mmd_rbf"] > 0
+    assert rep["kid_mean"] > 0 and rep["mmd_rbf"] > 0 and rep["notes"] == {}
+    few = realism_metrics(f[:4], shifted[:4], "test-features", kid_subsets=2)
+    assert "fid" in few["notes"] and "kid" in few["notes"]  # rank-deficient FID warned, KID subset shrunk
 
 
 def test_realism_errors():
@@ -249,7 +251,7 @@ def test_oracle_learns_separable_task_and_roundtrips(tmp_path):
     lab = torch.arange(48) % 2
     x = _squares(48, lab, seed=10)
     rows = [{"finding": int(v), "age": 45.0 + 40.0 * float(v)} for v in lab]
-    oracle = train_oracle(x, rows, ENC, epochs=12, batch_size=16, seed=0)
+    oracle = train_oracle(x, rows, ENC, epochs=12, batch_size=16, seed=0, channels=(4, 8, 16, 32))
     test_lab = (torch.arange(32) + 1) % 2
     xt = _squares(32, test_lab, seed=11)
     pred = oracle.predict(xt)
@@ -296,7 +298,7 @@ def test_roc_auc_and_downstream():
     real = _squares(24, real_lab, seed=14)
     test_lab = torch.arange(24) % 2
     test = _squares(24, test_lab, seed=15)
-    out = downstream_auc(syn, syn_lab, test, test_lab, real, real_lab, epochs=8, seed=0)
+    out = downstream_auc(syn, syn_lab, test, test_lab, real, real_lab, epochs=8, seed=0, channels=(4, 8, 8, 16))
     assert out["auc_synthetic"] > 0.9 and out["auc_real"] > 0.9 and out["auc_combined"] is None
     assert out["n_synthetic"] == 32 and "auc_combined" in out["notes"]
     with pytest.raises(EvaluationError, match="0/1"):

@@ -47,7 +47,10 @@ def fid(real_feats: torch.Tensor, fake_feats: torch.Tensor) -> float:
             "deficient, the value is biased; use more samples or fewer features",
             stacklevel=2,
         )
-    value = FIDMetric()(fake, real)
+    with warnings.catch_warnings():
+        # MONAI passes scipy's deprecated ``disp`` to sqrtm (harmless with scipy < 1.18, our pin)
+        warnings.filterwarnings("ignore", message=".*disp.*", category=DeprecationWarning)
+        value = FIDMetric()(fake, real)
     return float(value.real if torch.is_complex(value) else value)
 
 

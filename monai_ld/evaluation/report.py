@@ -138,6 +138,9 @@ def plot_drift_curve(result: Mapping, path: str | os.PathLike, title: str | None
     obj = [np.nan if e.get("objective") is None else e["objective"] for e in curve]
     ax.plot(drifts, obj, "o-", color="k", label="objective")
     comps = [k for k in curve[0] if k not in ("drift", "objective") and isinstance(curve[0][k], (int, float))]
+    per_attr = [k for k in comps if k.startswith("oracle_loss/")]
+    if len(per_attr) == 1 and "oracle_loss" in comps:  # a single attribute: identical to oracle_loss
+        comps.remove(per_attr[0])
     for k in comps:
         ax.plot(drifts, [np.nan if e.get(k) is None else e[k] for e in curve], "--", marker=".", label=k)
     if result.get("best_drift") is not None:
@@ -205,7 +208,8 @@ def plot_counterfactual_grid(
             if j == 0 and titles is not None and i < len(titles):
                 ax.set_ylabel(str(titles[i]), fontsize=8)
             if name == "difference":
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+                cb.ax.tick_params(labelsize=7)
     return _save_fig(fig, path)
 
 
