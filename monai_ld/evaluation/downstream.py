@@ -7,8 +7,6 @@ tests each on the same held-out real images; ROC AUC by MONAI's :func:`~monai.me
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Sequence
 
 import torch
 from monai.metrics import compute_roc_auc
