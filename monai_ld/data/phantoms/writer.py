@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -186,7 +187,7 @@ def write_phantom_dataset(
                          "spacing_mm": phantom.fov_mm / size},
             "splits": {s: split.count(s) for s in ("train", "val", "test")},
             "render_seconds": round(elapsed, 2),
-            "mechanisms": (type(phantom).__module__ and __import__(type(phantom).__module__, fromlist=["_"]).__doc__),
+            "mechanisms": sys.modules[type(phantom).__module__].__doc__,
         }
         with open(tmp / "dataset.json", "w") as fh:
             json.dump(info, fh, indent=2)
