@@ -1,0 +1,1 @@
+"""The MONAI Label app folder (``monailabel start_server --app <this folder>``); see ``main.py``."""

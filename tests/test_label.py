@@ -1,0 +1,225 @@
+"""A real MONAI Label server (``monai-ld label-server`` -> ``monailabel start_server``) on 127.0.0.1, real HTTP, a
+real NIfTI scan (nibabel's ``anatomical.nii``) in the studies folder.
+
+The model is the repository's trained ``bundles/brain_mri_counterfactual`` when its ``models/model.pt`` exists, else a
+tiny untrained stand-in with the same attributes (the server, the HTTP contract and the geometry checks are the same;
+requests ask for 3 denoising steps to stay fast on CPU).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("monailabel", reason="MONAI Label not installed: bash scripts/install.sh test,label")
+requests = pytest.importorskip("requests")
+nib = pytest.importorskip("nibabel")
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_BUNDLE = REPO / "bundles" / "brain_mri_counterfactual"
+MODEL = "brain_mri_counterfactual"
+TARGET = {"age": 85, "sex": "F", "diagnosis": "AD"}
+FAST = {"num_inference_steps": 3}
+STARTUP_TIMEOUT = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stand_in_bundle(root: Path) -> Path:
+    from monai_ld import ConditionalLDM
+    from monai_ld.data.phantoms import brain_attribute_encoder
+    from monai_ld.networks import autoencoder_config, unet_config
+
+    enc = brain_attribute_encoder()
+    m = ConditionalLDM(autoencoder_config(3, "tiny"), unet_config(3, 3, enc.dim, "tiny"), enc,
+                       meta={"preprocessing": {"chain": "brain_mri", "spatial_size": [32, 32, 32], "pixdim": [3, 3, 3]},
+                             "defaults": {"num_inference_steps": 5}})
+    bundle = root / MODEL
+    m.save(bundle / "models" / "model.pt")
+    return bundle
+
+
+class Server:
+    def __init__(self, url: str, studies: Path, image: Path, proc: subprocess.Popen, log: Path, real: bool):
+        self.url, self.studies, self.image, self.proc, self.log, self.real = url, studies, image, proc, log, real
+
+    def infer(self, params, image="anatomical", model=MODEL, output="image", timeout=300):
+        body = params if isinstance(params, str) else json.dumps(params)
+        return requests.post(f"{self.url}/infer/{model}", params={"image": image, "output": output},
+                             data={"params": body}, timeout=timeout)
+
+    def log_tail(self, n=4000) -> str:
+        return self.log.read_text(errors="replace")[-n:] if self.log.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("label")
+    studies = root / "studies"
+    studies.mkdir()
+    image = studies / "anatomical.nii"
+    shutil.copyfile(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii", image)
+    real = (REAL_BUNDLE / "models" / "model.pt").is_file()
+    bundle = REAL_BUNDLE if real else _stand_in_bundle(root / "bundles")
+    port = _free_port()
+    log = root / "server.log"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "MONAI_LABEL_DATASTORE_AUTO_RELOAD": "false"}
+    cmd = [sys.executable, "-m", "monai_ld.cli", "label-server", "--studies", str(studies), "--host", "127.0.0.1",
+           "--port", str(port), "--models", f"{MODEL}={bundle}", "--outputs", str(root / "outputs"),
+           "--app-dir", str(root / "app"), "--device", "cpu", "--log-level", "warning"]
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=root, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", studies, image, proc, log, real)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited with {proc.returncode}:\n{srv.log_tail()}")
+            try:
+                if requests.get(f"{srv.url}/info/", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server did not answer /info/ within {STARTUP_TIMEOUT}s:\n{srv.log_tail()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _nifti(content: bytes):
+    return nib.Nifti1Image.from_bytes(content) if content[:4] != b"\x1f\x8b\x08\x00" else \
+        nib.Nifti1Image.from_bytes(__import__("gzip").decompress(content))
+
+
+def test_info_lists_the_bundle_model(server):
+    r = requests.get(f"{server.url}/info/", timeout=30)
+    assert r.status_code == 200
+    info = r.json()
+    assert MODEL in info["models"], info["models"].keys()
+    m = info["models"][MODEL]
+    assert m["type"] == "others" and m["dimension"] == 3
+    assert {a["name"] for a in m["attributes"]} == {"age", "sex", "diagnosis"}
+    # the bundle's defaults, as Slicer's Options table shows them
+    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps", "target_age", "target_diagnosis", "result"):
+        assert key in m["config"], key
+    assert info["datastore"]["total"] == 1
+
+
+def test_infer_returns_counterfactual_in_input_geometry(server):
+    src = nib.load(server.image)
+    t0 = time.perf_counter()
+    r = server.infer({"target": TARGET, "drift": 0.05, "strength": 0.6, "guidance": 3.0, "seed": 1, **FAST})
+    seconds = time.perf_counter() - t0
+    assert r.status_code == 200, r.text
+    cf = _nifti(r.content)
+    assert cf.shape == src.shape
+    np.testing.assert_allclose(cf.affine, src.affine, atol=1e-4)
+    a = np.asarray(cf.dataobj, dtype=np.float32)
+    assert np.isfinite(a).all()
+    assert not np.allclose(a, np.asarray(src.dataobj, dtype=np.float32))
+    print(f"\ninfer ({'real bundle' if server.real else 'stand-in'}): {seconds:.2f}s")
+
+    # the same request again: the JSON result lists the outputs (difference map included); served from the run folder
+    r = server.infer({"target": TARGET, "drift": 0.05, "strength": 0.6, "guidance": 3.0, "seed": 1, **FAST}, output="json")
+    assert r.status_code == 200, r.text
+    res = r.json()
+    assert res["cached"] is True and res["target"] == {"age": 85.0, "sex": "F", "diagnosis": "AD"}
+    assert res["settings"]["drift"] == pytest.approx(0.05)
+    for key in ("counterfactual", "difference", "figure", "record"):
+        assert Path(res["outputs"][key]).is_file(), key
+    diff_file = nib.load(res["outputs"]["difference"])
+    assert diff_file.shape == src.shape
+    np.testing.assert_allclose(diff_file.affine, src.affine, atol=1e-4)
+
+    # ... and the difference map itself over HTTP (params "result": "difference")
+    r = server.infer({"target": TARGET, "drift": 0.05, "strength": 0.6, "guidance": 3.0, "seed": 1, "result": "difference",
+                      **FAST})
+    assert r.status_code == 200, r.text
+    d = _nifti(r.content)
+    assert d.shape == src.shape
+    np.testing.assert_allclose(np.asarray(d.dataobj), np.asarray(diff_file.dataobj), atol=1e-6)
+
+
+def test_slicer_style_flat_params(server):
+    """What 3D Slicer's Options table sends: the model's config back, drop-downs as lists with the choice first."""
+    cfg = requests.get(f"{server.url}/info/", timeout=30).json()["models"][MODEL]["config"]
+    cfg = dict(cfg, target_age="80", target_sex=["M", "(keep)", "F"], target_diagnosis=["MCI", "(keep)", "CN", "AD"],
+               num_inference_steps=3, client_id="user-xyz")
+    r = server.infer(cfg, output="json")
+    assert r.status_code == 200, r.text
+    assert r.json()["target"] == {"age": 80.0, "sex": "M", "diagnosis": "MCI"}
+
+
+@pytest.mark.parametrize("params,image,model,status,message", [
+    ({"target": {"height": 180, "sex": "F", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "unknown attribute"),
+    ({"target": {"age": 150, "sex": "F", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "out of range"),
+    ({"target": {"age": 80, "sex": "X", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "sex"),
+    ({"target": {"age": 80}}, "anatomical", MODEL, 422, "missing"),
+    ({"target": TARGET, "strength": 2}, "anatomical", MODEL, 422, "strength"),
+    ({"target": TARGET, "drfit": 0.1}, "anatomical", MODEL, 422, "unknown parameter"),
+    ({}, "anatomical", MODEL, 422, "no target"),
+    ("{not json", "anatomical", MODEL, 400, "JSON"),
+    ({"target": TARGET}, "no_such_image", MODEL, 404, "unknown image id"),
+    ({"target": TARGET}, "anatomical", "no_such_model", 404, "unknown model"),
+])
+def test_bad_requests_get_4xx_with_a_message(server, params, image, model, status, message):
+    r = server.infer(params, image=image, model=model, timeout=60)
+    assert r.status_code == status, r.text
+    assert message.lower() in r.json()["detail"].lower()
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+    assert server.proc.poll() is None
+
+
+def test_20_concurrent_requests_all_answer(server):
+    src = nib.load(server.image)
+    n = 20
+    info_latency = []
+
+    def one(i):
+        t = time.perf_counter()
+        r = server.infer({"target": {**TARGET, "age": 60 + i}, "seed": 100 + i, **FAST}, timeout=600)
+        return r, time.perf_counter() - t
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=n) as pool:
+        futures = [pool.submit(one, i) for i in range(n)]
+        time.sleep(1.0)  # requests in flight: the server still answers other calls
+        t = time.perf_counter()
+        assert requests.get(f"{server.url}/info/", timeout=60).status_code == 200
+        info_latency.append(time.perf_counter() - t)
+        results = [f.result() for f in futures]
+    wall = time.perf_counter() - t0
+    for r, _ in results:
+        assert r.status_code == 200, r.text
+        cf = _nifti(r.content)
+        assert cf.shape == src.shape
+        np.testing.assert_allclose(cf.affine, src.affine, atol=1e-4)
+    lat = sorted(s for _, s in results)
+    print(f"\n{n} concurrent infers: wall {wall:.1f}s, latency min {lat[0]:.1f}s median {lat[n // 2]:.1f}s "
+          f"max {lat[-1]:.1f}s; /info/ during them {info_latency[0]:.2f}s")
+    assert info_latency[0] < 30
+    assert requests.get(f"{server.url}/info/", timeout=30).status_code == 200
+    assert server.proc.poll() is None
