@@ -13,6 +13,7 @@ import sys
 # (module, description) — imported lazily so `monai-ld --help` stays fast and one broken feature cannot hide the rest
 _COMMANDS: list[str] = [
     "monai_ld.data.phantoms_cli",
+    "monai_ld.evaluation.cli",
     "monai_ld.label.cli",
 ]
 

@@ -3,7 +3,9 @@
 Modules: :mod:`.oracle` (anti-causal predictors + the offline feature network), :mod:`.realism` (FID, KID, MMD),
 :mod:`.similarity` (L1, SSIM, MS-SSIM, PSNR, masked), :mod:`.axioms` (effectiveness, composition, reversibility,
 minimality, ground-truth error), :mod:`.downstream` (synthetic-vs-real classifier AUC), :mod:`.drift_search`
-(δ grid search), :mod:`.report` (JSON / Markdown / PNG).
+(δ grid search), :mod:`.report` (JSON / Markdown / PNG), :mod:`.evaluator` (an ignite/MONAI ``Evaluator`` that edits
+held-out ground-truth pairs and scores them), :mod:`.workflows` (what bundle configs and ``monai-ld evaluate`` /
+``monai-ld sweep-drift`` call).
 """
 
 from ._checks import EvaluationError
@@ -46,6 +48,18 @@ from .report import (
     write_report,
 )
 from .similarity import MS_SSIM_WEIGHTS, l1, ms_ssim, ms_ssim_config, psnr, similarity_metrics, ssim, ssim_window
+from . import evaluator, workflows  # noqa: E402  (``from monai_ld.evaluation import workflows`` in bundle configs)
+from .evaluator import (
+    CounterfactualEvaluator,
+    CounterfactualSetMetrics,
+    PipelineEditor,
+    counterfactual_metrics,
+    evaluate_counterfactuals,
+    intervention_targets,
+    load_counterfactual_pairs,
+    load_reference,
+)
+from .workflows import run_evaluation, run_sweep, train_oracle_from_manifest
 
 __all__ = [
     "EvaluationError",
@@ -101,4 +115,16 @@ __all__ = [
     "plot_drift_curve",
     "plot_counterfactual_grid",
     "write_report",
+    # evaluators over manifests and bundles
+    "CounterfactualEvaluator",
+    "CounterfactualSetMetrics",
+    "PipelineEditor",
+    "counterfactual_metrics",
+    "evaluate_counterfactuals",
+    "intervention_targets",
+    "load_counterfactual_pairs",
+    "load_reference",
+    "run_evaluation",
+    "run_sweep",
+    "train_oracle_from_manifest",
 ]

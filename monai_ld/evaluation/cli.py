@@ -1,0 +1,189 @@
+"""``monai-ld evaluate`` and ``monai-ld sweep-drift``: a bundle's ``configs/evaluate.json`` from the command line.
+
+Both read ``<bundle>/configs/evaluate.json`` (so the command line and ``python -m monai.bundle run`` share one set of
+defaults), override what the options name, and evaluate its ``evaluate`` / ``sweep_drift`` item
+(:func:`~monai_ld.evaluation.workflows.run_evaluation` / :func:`~monai_ld.evaluation.workflows.run_sweep`). Without
+``--manifest`` they use the bundle's own phantoms (its config regenerates the held-out set when it is missing).
+Each writes ``report.json`` (+ ``report.md`` and PNGs) into ``--output-dir``. Bad input (no bundle, no model, a
+manifest without the needed columns) is a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+CONFIG = "configs/evaluate.json"
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle folder (holds configs/evaluate.json and models/model.pt)")
+    p.add_argument("--manifest", default=None, help="CSV manifest (default: the bundle's phantoms, generated when absent)")
+    p.add_argument("--output-dir", required=True, help="where report.json, report.md and the PNGs go")
+    p.add_argument("--split", default=None, help="split whose images are edited (evaluate: test; sweep-drift: val)")
+    p.add_argument("--max-subjects", type=int, default=None, help="at most this many factual images")
+    p.add_argument("--steps", type=int, default=None, help="DDIM inference steps per edit (fewer = faster)")
+    p.add_argument("--strength", type=float, default=None, help="edit strength in [0, 1]")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--drifts", default=None,
+                   help="δ values: comma list (evaluate also takes 'searched', e.g. 0,searched) or a grid a:b:step")
+    p.add_argument("--oracle", default=None, help="attribute oracle checkpoint (default: <bundle>/models/oracle.pt)")
+    p.add_argument("--checkpoint", default=None, help="model checkpoint (default: <bundle>/models/model.pt)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the bundle's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+
+
+def add_parser(subparsers) -> None:
+    ev = subparsers.add_parser(
+        "evaluate",
+        help="evaluate a bundle's counterfactuals on held-out ground-truth pairs (report.json / .md / PNG)",
+        description="Edit held-out factual images towards their ground-truth partner's attributes for each δ "
+        "(default: 0 and the searched δ) and report ground-truth error, similarity, effectiveness, composition, "
+        "reversibility, minimality and realism (FID/KID/MMD on oracle features).",
+    )
+    _add_common(ev)
+    ev.add_argument("--axiom-subjects", type=int, default=None,
+                    help="how many subjects also get the composition / reversibility edits")
+    ev.add_argument("--composition-steps", default=None, help="k values of the null-intervention test, e.g. 1,2")
+    ev.add_argument("--main-drift", default=None, help="δ of the top-level metrics (default: the searched δ)")
+    ev.add_argument("--sweep-report", default=None, help="report.json of a sweep-drift run ('searched' reads its best_drift)")
+    ev.add_argument("--sweep-subjects", type=int, default=None, help="images in the δ sweep run when no --sweep-report")
+    ev.add_argument("--sweep-drifts", default=None, help="grid of that sweep (default -0.2:0.2:0.05)")
+    ev.set_defaults(func=run_evaluate)
+
+    sw = subparsers.add_parser(
+        "sweep-drift",
+        help="grid-search the Latent Drifting δ on held-out images (report.json with best_drift and curve)",
+        description="Edit held-out images (seeded one-attribute interventions) for every δ of a grid and pick the δ "
+        "minimising the counterfactual objective (oracle loss + proximity) or a distribution distance.",
+    )
+    _add_common(sw)
+    sw.add_argument("--objective", choices=("counterfactual", "distribution"), default=None)
+    sw.add_argument("--distance", choices=("l1_mean", "mmd", "fid", "kid"), default=None,
+                    help="distance of the distribution objective")
+    sw.add_argument("--lam", type=float, default=None, help="λ weighting the oracle loss")
+    sw.set_defaults(func=run_sweep)
+
+
+def _unwrap(e: BaseException) -> BaseException:
+    """MONAI's config parser wraps errors raised inside ``$`` expressions in ``RuntimeError('Failed to evaluate …')``."""
+    while isinstance(e, RuntimeError) and e.__cause__ is not None and "Failed to evaluate" in str(e):
+        e = e.__cause__
+    return e
+
+
+def _ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{name} takes comma-separated integers, got {text!r}") from None
+
+
+def _parser(args: argparse.Namespace):
+    from monai.bundle import ConfigParser
+
+    bundle = Path(args.bundle)
+    if not bundle.is_dir():
+        raise FileNotFoundError(f"bundle folder '{bundle}' does not exist")
+    cfg = bundle / CONFIG
+    if not cfg.is_file():
+        raise FileNotFoundError(f"'{cfg}' does not exist: this bundle has no evaluation config")
+    parser = ConfigParser()
+    parser.read_config(str(cfg))
+    parser["bundle_root"] = str(bundle.resolve())
+    parser["output_dir"] = str(Path(args.output_dir))
+    if args.manifest is not None:
+        m = Path(args.manifest)
+        if not m.is_file():
+            raise FileNotFoundError(f"manifest '{m}' does not exist")
+        parser["manifest"] = str(m.resolve())
+    if args.checkpoint is not None:
+        parser["checkpoint"] = str(Path(args.checkpoint).resolve())
+    if args.oracle is not None:
+        parser["oracle"] = str(Path(args.oracle).resolve())
+    if args.device is not None:
+        parser["device"] = args.device
+    if args.threads is not None:
+        parser["num_threads"] = args.threads
+    parser["progress"] = not args.quiet
+    for opt, key in (("steps", "num_inference_steps"), ("strength", "strength"), ("guidance", "guidance"), ("seed", "seed")):
+        if getattr(args, opt) is not None:
+            parser[f"settings#{key}"] = getattr(args, opt)
+    return parser
+
+
+def _evaluate(parser, item: str) -> dict:
+    try:
+        ckpt = parser.get_parsed_content("checkpoint")
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"model checkpoint '{ckpt}' does not exist (train the bundle first)")
+        return parser.get_parsed_content(item)
+    except RuntimeError as e:
+        raise _unwrap(e) from None
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    parser = _parser(args)
+    if args.split is not None:
+        parser["split"] = args.split
+    if args.max_subjects is not None:
+        parser["max_subjects"] = args.max_subjects
+    if args.axiom_subjects is not None:
+        parser["axiom_subjects"] = args.axiom_subjects
+    if args.drifts is not None:
+        from .workflows import parse_drifts
+
+        parser["drifts"] = parse_drifts(args.drifts)
+    if args.composition_steps is not None:
+        parser["composition_steps"] = _ints(args.composition_steps, "--composition-steps")
+    if args.main_drift is not None:
+        parser["main_drift"] = args.main_drift
+    if args.sweep_report is not None:
+        if not Path(args.sweep_report).is_file():
+            raise FileNotFoundError(f"sweep report '{args.sweep_report}' does not exist")
+        parser["sweep_report"] = str(Path(args.sweep_report).resolve())
+    if args.sweep_subjects is not None:
+        parser["sweep#max_subjects"] = args.sweep_subjects
+    if args.sweep_drifts is not None:
+        parser["sweep#drifts"] = args.sweep_drifts
+    report = _evaluate(parser, "evaluate")
+    out = Path(args.output_dir)
+    m = report["metrics"]
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'} (main δ = {report['main_drift']:g}, {m['n_subjects']} subjects)")
+    keys = ("gt_l1", "gt_ssim", "ssim", "psnr", "effectiveness", "composition", "reversibility", "minimality", "fid", "kid", "mmd")
+    print(json.dumps({k: m.get(k) for k in keys}, indent=1))
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    parser = _parser(args)
+    if args.split is not None:
+        parser["sweep#split"] = args.split
+    if args.max_subjects is not None:
+        parser["sweep#max_subjects"] = args.max_subjects
+    if args.drifts is not None:
+        from .workflows import parse_drifts
+
+        grid = parse_drifts(args.drifts)
+        if "searched" in grid:
+            raise ValueError("sweep-drift --drifts takes numbers only")
+        parser["sweep#drifts"] = grid
+    if args.objective is not None:
+        parser["sweep#objective"] = args.objective
+    if args.distance is not None:
+        parser["sweep#distance"] = args.distance
+    if args.lam is not None:
+        parser["sweep#lam"] = args.lam
+    report = _evaluate(parser, "sweep_drift")
+    print(f"wrote {Path(args.output_dir) / 'report.json'}: best δ = {report['best_drift']:g} ({report['objective']})")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from monai_ld.cli import main
+
+    sys.exit(main())
