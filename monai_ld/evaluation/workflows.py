@@ -381,6 +381,19 @@ def _eval_markdown(report: Mapping) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _grid_rows(pairs: Sequence[Mapping], n: int) -> list[int]:
+    """Up to ``n`` pair indices, taking the intervened attributes in turn (so the figure shows every kind of edit)."""
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        groups.setdefault(",".join(p["intervened"]) or "none", []).append(i)
+    order: list[int] = []
+    while len(order) < min(n, len(pairs)):
+        for g in groups.values():
+            if g and len(order) < n:
+                order.append(g.pop(0))
+    return order
+
+
 def run_evaluation(
     checkpoint: str | os.PathLike,
     manifest: str | os.PathLike,
@@ -499,11 +512,15 @@ def run_evaluation(
     }
     out.mkdir(parents=True, exist_ok=True)
     files = {}
+    rows_shown = _grid_rows(pairs, grid_rows)
+    titles = [f"{pairs[i]['image_id']}: " + ", ".join(
+        f"{n} {_fmt(pairs[i]['source'][n])}→{_fmt(pairs[i]['target'][n])}" for n in pairs[i]["intervened"]) for i in rows_shown]
     for key, col in res["collected"].items():
-        titles = [f"{p['image_id']}: " + ", ".join(f"{n}→{_fmt(p['target'][n])}" for n in p["intervened"]) for p in pairs]
         name = "counterfactuals.png" if key == mkey else f"counterfactuals_drift_{float(key):g}.png"
         files[f"grid_{float(key):g}"] = str(plot_counterfactual_grid(
-            col["input"], col["counterfactual"], out / name, col["ground_truth"], max_rows=grid_rows, titles=titles))
+            col["input"][rows_shown], col["counterfactual"][rows_shown], out / name, col["ground_truth"][rows_shown],
+            max_rows=grid_rows, titles=titles))
+    report["grid_rows"] = [pairs[i]["image_id"] for i in rows_shown]
     if drift_search is not None:
         files["drift_curve"] = str(plot_drift_curve(drift_search, out / "drift_curve.png",
                                                     title=f"δ search (best δ = {drift_search['best_drift']:g})"))
