@@ -10,8 +10,9 @@ import argparse
 import importlib
 import sys
 
-# (module, description) — imported lazily so `monai-ld --help` stays fast and one broken feature cannot hide the rest
+# modules that register sub-commands, in --help order
 _COMMANDS: list[str] = [
+    "monai_ld.bundle_cli",
     "monai_ld.data.phantoms_cli",
     "monai_ld.evaluation.cli",
     "monai_ld.label.cli",

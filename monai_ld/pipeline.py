@@ -27,11 +27,27 @@ import torch
 from .conditioning import ConditionError
 from .networks.model import ConditionalLDM
 
-__all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "parse_attribute_args"]
+__all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "build_chain", "parse_attribute_args"]
 
 DEFAULT_SETTINGS = {"drift": 0.0, "strength": 0.6, "guidance": 3.0, "seed": 0, "num_inference_steps": 50,
                     "composition": "none", "abduction": "inversion"}
 _SETTING_KEYS = tuple(DEFAULT_SETTINGS)
+
+
+def build_chain(preprocessing: Mapping[str, Any], encoder: Any = None):
+    """The preprocessing ``Compose`` named by ``{"chain": "brain_mri"|"chest_xray", **kwargs}`` (training and inference
+    share it, so a model always sees its inputs prepared the same way)."""
+    from .transforms import brain_mri_transforms, chest_xray_transforms
+
+    kwargs = dict(preprocessing)
+    chain = kwargs.pop("chain", None)
+    if encoder is not None:
+        kwargs["encoder"] = encoder
+    if chain == "brain_mri":
+        return brain_mri_transforms(**kwargs)
+    if chain == "chest_xray":
+        return chest_xray_transforms(**kwargs)
+    raise ValueError(f"unknown preprocessing chain {chain!r}; accepted: brain_mri, chest_xray")
 
 
 def parse_attribute_args(pairs: list[str] | None) -> dict[str, str]:
@@ -83,13 +99,7 @@ class CounterfactualPipeline:
         return self.model.encoder
 
     def transform(self):
-        from .transforms import brain_mri_transforms, chest_xray_transforms
-
-        if self.chain_name == "brain_mri":
-            return brain_mri_transforms(**self.chain_kwargs)
-        if self.chain_name == "chest_xray":
-            return chest_xray_transforms(**self.chain_kwargs)
-        raise ValueError(f"unknown preprocessing chain {self.chain_name!r} in the checkpoint")
+        return build_chain({"chain": self.chain_name, **self.chain_kwargs})
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def resolve(self, target: Mapping[str, Any], source: Mapping[str, Any] | None = None, **settings: Any) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from ignite.engine import Events
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
-from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler, from_engine
+from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler
 from monai.inferers import DiffusionInferer, SimpleInferer
 from monai.utils import set_determinism
 from torch.nn.parallel import DistributedDataParallel
@@ -111,13 +111,25 @@ def _loader(samples: Sequence[Mapping[str, Any]], batch_size: int, seed: int, wo
     return DataLoader(ds, batch_size=batch_size, shuffle=True, generator=g, num_workers=0, drop_last=len(ds) >= batch_size)
 
 
+def _loss(output: Mapping[str, Any]) -> float:
+    return float(output["loss"])
+
+
 def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest checkpoint that loads. MONAI's ``CheckpointSaver`` writes non-atomically, so a run killed while
+    saving leaves a truncated newest file: skip it and resume from the one before."""
     found = []
     for p in ckpt_dir.glob("checkpoint_*.pt"):
         m = re.search(r"=(\d+)\.pt$", p.name)
         if m:
             found.append((int(m.group(1)), p))
-    return max(found)[1] if found else None
+    for _, p in sorted(found, reverse=True):
+        try:
+            torch.load(p, map_location="cpu", weights_only=True)
+            return p
+        except Exception as e:  # truncated / corrupt
+            logger.warning("skipping unreadable checkpoint %s (%s)", p, type(e).__name__)
+    return None
 
 
 def _run(
@@ -158,7 +170,7 @@ def _run(
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def _record(engine):
-        losses.append(float(engine.state.output["loss"]))
+        losses.append(_loss(engine.state.output))
         if engine.state.iteration >= max_iterations:
             engine.terminate()
 
@@ -173,13 +185,13 @@ def _run(
     if rank == 0:
         CheckpointSaver(save_dir=str(ckpt_dir), save_dict=save_dict, save_interval=checkpoint_every, epoch_level=False,
                         n_saved=2, file_prefix="checkpoint").attach(trainer)
-        TensorBoardStatsHandler(log_dir=str(work_dir / "tensorboard"), output_transform=from_engine(["loss"], first=True),
+        TensorBoardStatsHandler(log_dir=str(work_dir / "tensorboard"), output_transform=_loss,
                                 tag_name=f"{name}_loss").attach(trainer)
-        StatsHandler(name="monai_ld.train", output_transform=from_engine(["loss"], first=True), iteration_log=max(1, checkpoint_every)).attach(trainer)
+        StatsHandler(name="monai_ld.train", output_transform=_loss, iteration_log=max(1, checkpoint_every)).attach(trainer)
         if progress:
             from ignite.handlers import ProgressBar
 
-            ProgressBar(desc=name, persist=True).attach(trainer, output_transform=from_engine(["loss"], first=True))
+            ProgressBar(desc=name, persist=True).attach(trainer, output_transform=_loss)
     t0 = time.perf_counter()
     if start_iteration < max_iterations:
         trainer.run()

@@ -1,0 +1,185 @@
+"""`monai-ld demo | counterfactual | train | finetune`: the common jobs on top of the bundles."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+BUNDLE_NAMES = ("brain_mri_counterfactual", "chest_xray_counterfactual")
+
+
+def bundles_dir() -> Path:
+    """The repository's ``bundles/`` folder (beside the installed ``monai_ld`` package in a clone)."""
+    here = Path(__file__).resolve().parent.parent / "bundles"
+    if here.is_dir():
+        return here
+    raise FileNotFoundError("the bundles/ folder was not found beside the monai_ld package; run from a clone of the "
+                            "repository (pip install -e .) or pass --bundle DIR")
+
+
+def resolve_bundle(value: str) -> Path:
+    """A bundle folder from a path or a bundle name (``brain_mri_counterfactual``, ``brain``, ``cxr``)."""
+    aliases = {"brain": BUNDLE_NAMES[0], "cxr": BUNDLE_NAMES[1], "chest": BUNDLE_NAMES[1]}
+    p = Path(value)
+    if not p.is_dir():
+        p = bundles_dir() / aliases.get(value, value)
+    if not (p / "configs" / "metadata.json").is_file():
+        raise FileNotFoundError(f"{value!r} is not a bundle (no configs/metadata.json); known: {', '.join(BUNDLE_NAMES)} or a path")
+    return p
+
+
+def _sample(bundle: Path) -> dict:
+    f = bundle / "sample_data" / "sample.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{f} not found: this bundle ships no sample input")
+    s = json.loads(f.read_text())
+    s["input"] = str(bundle / "sample_data" / s["input"])
+    return s
+
+
+def _checkpoint(bundle: Path, name: str = "model.pt") -> Path:
+    ckpt = bundle / "models" / name
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"{ckpt} not found: train it with `monai-ld train --bundle {bundle}`")
+    return ckpt
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {"drift": args.drift, "strength": args.strength, "guidance": args.guidance, "seed": args.seed,
+            "num_inference_steps": args.steps, "composition": args.composition}
+
+
+def _print_outputs(outputs: dict, record_path: str) -> None:
+    rec = json.loads(Path(record_path).read_text())
+    print(f"counterfactual of {rec['input']}")
+    print(f"  source: {rec['source'] or 'null (unconditional abduction)'}")
+    print(f"  target: {rec['target']}")
+    print(f"  drift={rec['drift']} strength={rec['strength']} guidance={rec['guidance']} seed={rec['seed']} "
+          f"steps={rec['num_inference_steps']} ({rec['seconds']} s)")
+    for k, v in outputs.items():
+        print(f"  {k:<20} {v}")
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    from .pipeline import CounterfactualPipeline, parse_attribute_args
+
+    bundle = resolve_bundle(args.bundle)
+    target, source = parse_attribute_args(args.target), parse_attribute_args(args.source)
+    pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
+    outputs = pipe.run_to_dir(args.input, args.output_dir, target=target, source=source or None,
+                              overwrite=args.overwrite, **{k: v for k, v in _settings(args).items() if v is not None})
+    _print_outputs(outputs, outputs["record"])
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .pipeline import CounterfactualPipeline
+
+    bundle = resolve_bundle(args.bundle)
+    sample = _sample(bundle)
+    pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
+    print(f"bundle {bundle.name}: {sample.get('description', '')}")
+    outputs = pipe.run_to_dir(sample["input"], args.output_dir, target=sample["target"], source=sample.get("source"),
+                              overwrite=args.overwrite, **{k: v for k, v in _settings(args).items() if v is not None})
+    _print_outputs(outputs, outputs["record"])
+    print(f"open {outputs['figure']} to see input / counterfactual / difference")
+    return 0
+
+
+def _bundle_run(bundle: Path, configs: list[str], overrides: dict, nproc: int = 1) -> int:
+    files = [str(bundle / "configs" / c) for c in configs]
+    if nproc > 1:
+        files.append(str(bundle / "configs" / "multi_gpu_train.json"))
+    cmd = ["-m", "monai.bundle", "run", "--config_file", str(files) if len(files) > 1 else files[0],
+           "--meta_file", str(bundle / "configs" / "metadata.json"),
+           "--logging_file", str(bundle / "configs" / "logging.conf")]
+    for k, v in overrides.items():
+        if v is not None:
+            cmd += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] + cmd
+    else:
+        cmd = [sys.executable] + cmd
+    print("running:", " ".join(cmd), flush=True)
+    return subprocess.call(cmd, env={**os.environ})
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    bundle = resolve_bundle(args.bundle)
+    stages = {"autoencoder": ["train_autoencoder.json"], "diffusion": ["train_diffusion.json"],
+              "all": ["train_autoencoder.json", "train_diffusion.json"]}[args.stage]
+    for cfg in stages:
+        rc = _bundle_run(bundle, [cfg], {"max_iterations": args.max_iterations, "seed": args.seed, "drift": args.drift
+                                         if cfg == "train_diffusion.json" else None}, args.nproc)
+        if rc:
+            return rc
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    bundle = resolve_bundle(args.bundle)
+    return _bundle_run(bundle, ["finetune.json"], {"scheme": args.scheme, "drift": args.drift, "lora_rank": args.lora_rank,
+                                                   "max_iterations": args.max_iterations, "output": args.output,
+                                                   "seed": args.seed}, args.nproc)
+
+
+def _edit_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("edit settings (default: the bundle's)")
+    g.add_argument("--drift", type=float, help="Latent Drifting δ added after every denoising step (typical -0.2..0.2)")
+    g.add_argument("--strength", type=float, help="fraction of the diffusion steps inverted and regenerated, 0..1")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
+    g.add_argument("--seed", type=int, help="random seed")
+    g.add_argument("--steps", type=int, help="DDIM inference steps")
+    g.add_argument("--composition", choices=("none", "residual"), help="residual: input + (D(z') - D(z)), keeps input detail")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("demo", help="run the bundled model on its bundled sample (offline) and write the outputs",
+                       description="The main job in one command: the brain bundle's model edits its sample phantom scan "
+                                   "(a held-out subject) to be older and have Alzheimer's disease.")
+    p.add_argument("--output-dir", default="monai_ld_demo", help="where to write (default ./monai_ld_demo)")
+    p.add_argument("--bundle", default="brain", help="brain (default), cxr, or a bundle folder")
+    _edit_options(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("counterfactual", help="counterfactual of an image file under target attributes",
+                       description="Writes counterfactual.nii.gz (and .png for 2D), difference.nii.gz (and .png), "
+                                   "figure.png and record.json into --output-dir, in the input's geometry.",
+                       epilog="example: monai-ld counterfactual --bundle brain --input scan.nii.gz --source age=62 "
+                              "--source sex=F --source diagnosis=CN --target age=85 --target diagnosis=AD --drift 0.05 "
+                              "--output-dir out/")
+    p.add_argument("--bundle", required=True, help="bundle folder or name (brain, cxr)")
+    p.add_argument("--input", required=True, help="NIfTI / NRRD / DICOM folder (3D) or PNG / JPEG / DICOM (2D)")
+    p.add_argument("--target", action="append", metavar="NAME=VALUE", required=True,
+                   help="target attribute (repeat); with --source only the changed ones are needed")
+    p.add_argument("--source", action="append", metavar="NAME=VALUE",
+                   help="the input's own attributes (repeat); without it the abduction runs under the null condition")
+    p.add_argument("--output-dir", required=True)
+    _edit_options(p)
+    p.set_defaults(func=cmd_counterfactual)
+
+    p = sub.add_parser("train", help="train a bundle's autoencoder and/or diffusion model with its train configs")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all"), default="all")
+    p.add_argument("--max-iterations", type=int)
+    p.add_argument("--drift", type=float, help="train the diffusion model with LD forward drift δ")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--nproc", type=int, default=1, help="processes under torchrun (DDP; gloo on CPU, NCCL on GPU)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="fine-tune a bundle's model (full / embedding / lora), with or without LD")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--scheme", choices=("full", "embedding", "lora"), default="full")
+    p.add_argument("--drift", type=float, help="LD δ during fine-tuning (0 = plain)")
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--max-iterations", type=int)
+    p.add_argument("--output", help="output checkpoint (default models/model_finetuned.pt)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--nproc", type=int, default=1)
+    p.set_defaults(func=cmd_finetune)
