@@ -195,6 +195,11 @@ def _run(
     t0 = time.perf_counter()
     if start_iteration < max_iterations:
         trainer.run()
+    elif start_iteration:  # nothing left to train: still take the checkpoint's weights
+        from ignite.handlers import Checkpoint
+
+        Checkpoint.load_objects(to_load=save_dict, checkpoint=torch.load(latest, map_location=device, weights_only=True))
+        trainer.state.iteration = start_iteration
     seconds = time.perf_counter() - t0
     tail = losses[-min(len(losses), 50):] if losses else []
     return {"iterations": int(trainer.state.iteration), "resumed_from": start_iteration, "seconds": round(seconds, 1),
