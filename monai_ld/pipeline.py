@@ -280,6 +280,6 @@ def _write_figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> N
     tgt = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec["target"].items())
     src = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (rec["source"] or {}).items()) or "null"
     fig.suptitle(f"source: {src}\ntarget: {tgt}\nδ={rec['drift']:g}, strength={rec['strength']:g}, "
-                 f"guidance={rec["guidance"]}, seed={rec["seed"]}", fontsize=9, y=1.0 + 0.12 / len(rows))
+                 f"guidance={rec['guidance']}, seed={rec['seed']}", fontsize=9, y=1.0 + 0.12 / len(rows))
     _atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)
