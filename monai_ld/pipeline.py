@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 from .conditioning import ConditionError
 from .networks.model import ConditionalLDM
+from .utils import atomic_write
 
 __all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "build_chain", "parse_attribute_args"]
 
@@ -59,18 +59,6 @@ def parse_attribute_args(pairs: list[str] | None) -> dict[str, str]:
             raise ConditionError(f"attribute arguments look like NAME=VALUE (e.g. age=85), got {p!r}")
         out[name.strip()] = value.strip()
     return out
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class CounterfactualPipeline:
@@ -216,7 +204,7 @@ class CounterfactualPipeline:
             _write_png(_as_2d(result["difference"]), targets["difference_png"], None)
         _write_figure(result, targets["figure"], self.model.spatial_dims)
         record = {**result["record"], "outputs": {k: str(v) for k, v in targets.items()}}
-        _atomic_write_bytes(targets["record"], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
+        atomic_write(targets["record"], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
         return {k: str(v) for k, v in targets.items()}
 
 
@@ -240,7 +228,7 @@ def _write_png(a: np.ndarray, path: Path, value_range: tuple[float, float] | Non
         m = float(np.abs(a).max()) or 1.0
         rgba = matplotlib.colormaps["RdBu_r"]((a / m + 1) / 2)
         img = Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8), mode="RGB")
-    _atomic_write_bytes(path, lambda tmp: img.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
 
 
 def _slices(vol: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -281,5 +269,5 @@ def _write_figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> N
     src = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (rec["source"] or {}).items()) or "null"
     fig.suptitle(f"source: {src}\ntarget: {tgt}\nδ={rec['drift']:g}, strength={rec['strength']:g}, "
                  f"guidance={rec['guidance']}, seed={rec['seed']}", fontsize=9, y=1.0 + 0.12 / len(rows))
-    _atomic_write_bytes(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)

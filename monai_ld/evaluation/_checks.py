@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from ..utils import atomic_write  # noqa: F401  (re-exported)
+
 import os
-import tempfile
 from collections.abc import Callable
 
 import torch
@@ -68,18 +69,3 @@ def to_float(v) -> float | None:
     return None if v != v else v
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> str:
-    """Write a file atomically: ``write(tmp_path)`` fills a temporary file beside ``path``, then ``os.replace``."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from torch import nn
 from ..conditioning import AttributeEncoder
 from ..drift import DriftTarget
 from ..inferers import LatentDriftInferer
+from ..utils import atomic_write
 from .presets import build_autoencoder, build_scheduler, build_unet, scheduler_config
 
 __all__ = ["CHECKPOINT_FORMAT", "ConditionalLDM", "atomic_torch_save"]
@@ -38,18 +38,7 @@ CHECKPOINT_FORMAT = "monai_ld.ldm/1"
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """``torch.save`` to a temporary file beside ``path`` then ``os.replace``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return Path(atomic_write(path, lambda tmp: torch.save(obj, tmp)))
 
 
 def _jsonable(obj: Any) -> Any:

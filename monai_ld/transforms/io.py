@@ -20,8 +20,9 @@ result as NIfTI with the input's affine, atomically, and never over an input fil
 
 from __future__ import annotations
 
+from ..utils import atomic_write
+
 import os
-import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -224,13 +225,5 @@ def save_like_input(
     nii.set_qform(aff, code=1)
     nii.set_sform(aff, code=1)
     suffix = ".nii.gz" if str(out).lower().endswith(".nii.gz") else ".nii"
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp" + suffix, dir=out.parent)
-    os.close(fd)
-    try:
-        nib.save(nii, tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(out, lambda tmp: nib.save(nii, tmp), suffix=".tmp" + suffix)
     return out
