@@ -7,7 +7,10 @@ A counterfactual follows abduction -> action -> prediction:
    noise it stochastically to that level);
 3. action: swap in the TARGET condition;
 4. prediction: denoise back to ``t=0`` under the target with classifier-free guidance and drift δ, decode.
-5. optionally keep the input's detail: ``x + (D(z'_0) - D(z_0))`` (``composition="residual"``).
+5. optionally keep the input's detail: ``x + (D(z'_0) - D(z_0))`` (``composition="residual"``), or
+   ``x + (D(z'_0) - D(z^s_0))`` where ``z^s_0`` re-generates the same ``z_t`` under the SOURCE condition with the
+   same guidance, drift and noise (``composition="paired"``): only the change of condition reaches the image, so
+   an identity intervention returns ``x`` exactly, at twice the denoising cost.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class Composition(StrEnum):
 
     NONE = "none"  # the decoded counterfactual D(z'_0)
     RESIDUAL = "residual"  # x + (D(z'_0) - D(z_0)): keep what the autoencoder cannot reconstruct
+    PAIRED = "paired"  # x + (D(z'_0) - D(z^s_0)): z^s_0 regenerated from the same z_t under the source condition
 
 
 @dataclass
@@ -71,6 +75,9 @@ class CounterfactualOutput:
         image: the counterfactual ``(B, C, *spatial)``.
         reconstruction: ``D(z_0)``, the autoencoder's reconstruction of the input (the edit's baseline).
         difference: ``image - inputs``, the difference map.
+        change: what the generator changed, ``D(z'_0) - D(z_0)`` (``D(z'_0) - D(z^s_0)`` for ``"paired"``); equals
+            ``difference`` for the residual compositions, while for ``"none"`` the difference also holds the
+            autoencoder's reconstruction error.
         latents: ``{"source": z_0, "inverted": z_t, "counterfactual": z'_0}``.
         settings: what was done (strength, steps, guidance, drift, abduction, composition).
     """
@@ -78,8 +85,20 @@ class CounterfactualOutput:
     image: torch.Tensor
     reconstruction: torch.Tensor
     difference: torch.Tensor
+    change: torch.Tensor | None = None
     latents: dict[str, torch.Tensor] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _rng_state(device: torch.device, state: tuple | None = None) -> tuple:
+    """Get (``state=None``) or restore the global RNG state of the CPU and, for a CUDA ``device``, that device."""
+    cuda = torch.device(device).type == "cuda"
+    if state is None:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(device) if cuda else None
+    torch.set_rng_state(state[0])
+    if cuda:
+        torch.cuda.set_rng_state(state[1], device)
+    return state
 
 
 def strength_timesteps(scheduler: Any, strength: float) -> torch.Tensor:
@@ -433,7 +452,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
             drift: LD δ while generating (None = the constructor's δ).
             inversion_drift: δ added during inversion (see :meth:`invert`).
             abduction: ``"inversion"`` (deterministic DDIM) or ``"noising"`` (stochastic, uses ``generator``).
-            composition: ``"none"`` or ``"residual"`` (``x + D(z'_0) - D(z_0)``).
+            composition: ``"none"``, ``"residual"`` (``x + D(z'_0) - D(z_0)``) or ``"paired"``
+                (``x + D(z'_0) - D(z^s_0)``, ``z^s_0`` denoised from the same ``z_t`` under the source condition).
 
         Returns:
             :class:`CounterfactualOutput` with ``image`` of the same shape and dtype as ``inputs``.
@@ -475,14 +495,24 @@ class LatentDriftInferer(LatentDiffusionInferer):
                 t0 = timesteps[:1].to(z0.device).expand(z0.shape[0])
                 zt = scheduler.add_noise(original_samples=z0, noise=drift_noise(noise, delta) if self.drift_initial_noise else noise, timesteps=t0)
 
+        rng = _rng_state(zt.device)  # a stochastic scheduler draws the same step noise for the paired run
         z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
                             cfg_fill_value, delta, verbose=verbose)
         decoded = self.decode(z_cf, autoencoder_model)
-        image = (work + (decoded - reconstruction) if composition == Composition.RESIDUAL else decoded).to(inputs.dtype)
+        baseline = reconstruction
+        if composition == Composition.PAIRED:
+            # the same z_t, guidance, drift and noise under the source condition: what the generator alone would make
+            _rng_state(zt.device, rng)
+            baseline = self.decode(self.denoise(zt, diffusion_model, timesteps, source_condition, mode, scheduler,
+                                                guidance_scale, cfg_fill_value, delta, verbose=verbose), autoencoder_model)
+        change = decoded - baseline
+        image = decoded if composition == Composition.NONE else work + change
+        image = image.to(inputs.dtype)
         return CounterfactualOutput(
             image=image,
             reconstruction=reconstruction.to(inputs.dtype),
             difference=(image.float() - work).to(inputs.dtype),
+            change=change.to(inputs.dtype),
             latents={"source": z0, "inverted": zt, "counterfactual": z_cf},
             settings={
                 "strength": float(strength),

@@ -8,6 +8,7 @@ with DistributedDataParallel (gloo on CPU, NCCL on GPU), and rank 0 writes.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import math
 import os
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from ignite.engine import Events
@@ -87,18 +89,35 @@ def scale_factor_from_latents(latents: torch.Tensor) -> float:
 # -- distributed ------------------------------------------------------------------------------------------------------
 @contextmanager
 def distributed_context(device: str | torch.device):
-    """Initialise a process group when launched by ``torchrun`` (``WORLD_SIZE > 1``); yields ``(rank, world_size)``."""
+    """Join the ``torchrun`` process group (``WORLD_SIZE > 1``); yields ``(rank, world_size)``.
+
+    The group is created on first use and kept for the life of the process (destroyed at exit), so the autoencoder
+    and diffusion stages of one run share it. Destroying and re-creating it is unsafe under ``torchrun``: torch resets
+    its group counter on destroy, the new group reuses the old store keys in torchrun's long-lived store, and gloo then
+    connects to the destroyed group's stale addresses ("Connection refused", a hang in the next barrier).
+
+    Ignite's ``idist`` discovers a process group lazily on its first ``idist.get_rank()``-style call, and that discovery
+    runs collectives (``new_group`` + ``all_reduce``). Here the first such call would come from handlers built only on
+    rank 0 (``CheckpointSaver``): rank 0 would block in ``new_group`` while the others block in DDP's gradient
+    all-reduce. So ignite is synced on every rank here. On a normal exit all ranks meet at a barrier, so rank 0's
+    outputs (e.g. the autoencoder file the next stage reads) exist before any rank goes on.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or (dist.is_available() and dist.is_initialized()):
-        yield (dist.get_rank(), dist.get_world_size()) if world > 1 else (0, 1)
+    if world <= 1:
+        yield 0, 1
         return
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    dist.init_process_group(backend=backend)
-    try:
-        yield dist.get_rank(), dist.get_world_size()
-    finally:
-        dist.barrier()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.device(device).type == "cuda" else "gloo")
+        atexit.register(_destroy_process_group)
+    idist.sync()  # collective: every rank, before any rank-0-only handler asks ignite for its rank
+    yield dist.get_rank(), dist.get_world_size()
+    dist.barrier()  # not on an exception: the other ranks may never get here (torchrun stops them all)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
+        idist.sync()  # back to ignite's serial model
 
 
 def _loader(samples: Sequence[Mapping[str, Any]], batch_size: int, seed: int, world: int, rank: int,

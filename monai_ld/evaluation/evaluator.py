@@ -25,7 +25,8 @@ Definitions used for the flat per-δ ``metrics`` (all from the library functions
 - ``gt_l1`` / ``gt_ssim``: counterfactual vs the exact ground-truth counterfactual; ``gt_l1_input`` / ``gt_ssim_input``
   score the unchanged input the same way (doing nothing), ``gt_l1_reconstruction`` the autoencoder reconstruction
   (the floor a non-residual edit starts from); ``gt_change_correlation``: Pearson correlation, per sample, between
-  the model's change ``cf - reconstruction`` and the true change ``gt - input`` (1 = the right change in the right
+  the model's change (:attr:`CounterfactualOutput.change`: ``cf - reconstruction``, or ``cf - D(z^s_0)`` for the
+  paired composition) and the true change ``gt - input`` (1 = the right change in the right
   place), averaged.
 - ``effectiveness``: success rate over (sample, intervened attribute): the oracle reads the intended target —
   categorical: predicted class = target class; continuous: prediction closer to the target than to the source
@@ -303,14 +304,14 @@ class PipelineEditor:
         if len(source_rows) != images.shape[0] or len(target_rows) != images.shape[0]:
             raise EvaluationError(f"{images.shape[0]} images but {len(source_rows)} source / {len(target_rows)} target rows")
         t0 = time.perf_counter()
-        cfs, recs = [], []
+        parts: dict[str, list[torch.Tensor]] = {"image": [], "reconstruction": [], "change": []}
         for i in range(images.shape[0]):
             out = self.pipe.edit(images[i : i + 1], self.plan(source_rows[i], target_rows[i]))
-            cfs.append(out.image.to(images.device, images.dtype))
-            recs.append(out.reconstruction.to(images.device, images.dtype))
+            for k, v in parts.items():
+                v.append(getattr(out, k).to(images.device, images.dtype))
         self.calls += images.shape[0]
         self.seconds += time.perf_counter() - t0
-        return SimpleNamespace(image=torch.cat(cfs), reconstruction=torch.cat(recs))
+        return SimpleNamespace(**{k: torch.cat(v) for k, v in parts.items()})
 
     def __call__(self, images: torch.Tensor, source_rows: Sequence[Mapping], target_rows: Sequence[Mapping]) -> torch.Tensor:
         return self.edit(images, source_rows, target_rows).image
@@ -383,7 +384,8 @@ class CounterfactualEvaluator(Evaluator):
     def _edit(self, x, src, tgt):
         if hasattr(self.editor, "edit"):
             return self.editor.edit(x, src, tgt)
-        return SimpleNamespace(image=self.editor(x, src, tgt), reconstruction=x)
+        cf = self.editor(x, src, tgt)
+        return SimpleNamespace(image=cf, reconstruction=x, change=cf - x)
 
     def _iteration(self, engine: Engine, batchdata: Mapping) -> dict:
         dev = engine.state.device
@@ -392,6 +394,7 @@ class CounterfactualEvaluator(Evaluator):
         src, tgt = list(batchdata["source"]), list(batchdata["target"])
         out = self._edit(x, src, tgt)
         cf, rec = out.image, out.reconstruction
+        change = getattr(out, "change", None)
         b = x.shape[0]
         nan = torch.full((b,), float("nan"))
         comp = {k: nan.clone() for k in self.composition_steps}
@@ -411,6 +414,7 @@ class CounterfactualEvaluator(Evaluator):
         self._seen += b
         return {
             "input": x, "counterfactual": cf, "reconstruction": rec, "ground_truth": gt, "source": src, "target": tgt,
+            "change": cf - rec if change is None else change,
             "intervened": list(batchdata["intervened"]) if "intervened" in batchdata
             else [intervened_attributes(s, t, _encoder_of(self.editor)) for s, t in zip(src, tgt)],
             "image_id": list(batchdata.get("image_id", [""] * b)), "composition": comp, "reversibility": rev,
@@ -511,7 +515,7 @@ class CounterfactualSetMetrics(Metric):
         super().__init__(output_transform=output_transform)
 
     def reset(self) -> None:
-        self._t: dict[str, list[torch.Tensor]] = {k: [] for k in ("input", "counterfactual", "reconstruction", "ground_truth")}
+        self._t: dict[str, list[torch.Tensor]] = {k: [] for k in ("input", "counterfactual", "reconstruction", "ground_truth", "change")}
         self._rows: dict[str, list] = {k: [] for k in ("source", "target", "intervened", "image_id")}
         self._comp: dict[int, list[torch.Tensor]] = {}
         self._rev: list[torch.Tensor] = []
@@ -523,7 +527,8 @@ class CounterfactualSetMetrics(Metric):
 
     def update(self, output: Mapping) -> None:
         for k in self._t:
-            self._t[k].append(output[k].detach().float().cpu())
+            v = output[k] if k != "change" or "change" in output else output["counterfactual"] - output["reconstruction"]
+            self._t[k].append(v.detach().float().cpu())
         for k in self._rows:
             self._rows[k].extend(output[k])
         for k, v in output.get("composition", {}).items():
@@ -603,7 +608,7 @@ class CounterfactualSetMetrics(Metric):
         x, cf, gt, rec = c["input"], c["counterfactual"], c["ground_truth"], c["reconstruction"]
         src, tgt, intervened = c["source"], c["target"], c["intervened"]
         notes: dict[str, str] = {}
-        corr = _pearson(cf - rec, gt - x)
+        corr = _pearson(c["change"], gt - x)
         out: dict[str, Any] = {
             "n": int(x.shape[0]),
             "image_id": c["image_id"],

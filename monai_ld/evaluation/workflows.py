@@ -451,7 +451,7 @@ _DESCRIPTIONS = {
     "gt_l1_input": "L1 unchanged input vs ground truth (do nothing)",
     "gt_ssim_input": "SSIM unchanged input vs ground truth",
     "gt_l1_reconstruction": "L1 autoencoder reconstruction vs ground truth (floor)",
-    "gt_change_correlation": "corr(cf − recon, gt − input) ↑",
+    "gt_change_correlation": "corr(model change, gt − input) ↑",
     "gt_fraction_closer_than_input": "share of cfs closer to gt than the input",
 }
 
