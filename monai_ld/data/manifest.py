@@ -19,13 +19,13 @@ import json
 import math
 import os
 import random
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from monai_ld.conditioning import AttributeEncoder, ConditionError
+from monai_ld.utils import atomic_write
 
 __all__ = [
     "REQUIRED_COLUMNS",
@@ -85,16 +85,7 @@ def read_rows(path: str | os.PathLike) -> tuple[list[dict[str, Any]], dict[str, 
 def _atomic_write_text(path: Path, text: str, overwrite: bool) -> None:
     if path.exists() and not overwrite:
         raise FileExistsError(f"'{path}' exists; pass overwrite=True to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text, newline=""))
 
 
 def write_rows(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike, columns: Sequence[str] | None = None,
