@@ -253,7 +253,7 @@ def _write_figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> N
     else:
         rows = [(("", x.T), ("", cf.T), ("", d.T))]
     m = float(np.abs(d).max()) or 1.0
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3.1 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 3.1 * len(rows) + 0.6), squeeze=False, layout="constrained")
     for r, ((name, a), (_, b), (_, c)) in enumerate(rows):
         axes[r, 0].imshow(a, cmap="gray", vmin=0, vmax=1)
         axes[r, 1].imshow(b, cmap="gray", vmin=0, vmax=1)
@@ -264,10 +264,10 @@ def _write_figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> N
     axes[0, 0].set_title("input")
     axes[0, 1].set_title("counterfactual")
     axes[0, 2].set_title("difference (cf - input)")
-    fig.colorbar(im, ax=axes[:, 2].tolist(), shrink=0.8)
+    fig.colorbar(im, ax=axes[:, 2].tolist(), shrink=0.8, aspect=30)
     tgt = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec["target"].items())
     src = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (rec["source"] or {}).items()) or "null"
     fig.suptitle(f"source: {src}\ntarget: {tgt}\nδ={rec['drift']:g}, strength={rec['strength']:g}, "
-                 f"guidance={rec['guidance']}, seed={rec['seed']}", fontsize=9, y=1.0 + 0.12 / len(rows))
+                 f"guidance={rec['guidance']}, composition={rec['composition']}, seed={rec['seed']}", fontsize=9)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)
