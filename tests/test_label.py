@@ -173,6 +173,23 @@ def test_slicer_style_flat_params(server):
     assert r.json()["target"] == {"age": 80.0, "sex": "M", "diagnosis": "MCI"}
 
 
+def test_every_offered_setting_choice_is_accepted():
+    """The drop-downs /info/ offers are exactly the enums the inferer implements (no server needed)."""
+    from monai_ld.inferers import Abduction, Composition
+    from monai_ld.label.params import parse_params, slicer_config
+
+    class _Encoder:
+        attributes = ()
+
+    cfg = slicer_config(_Encoder(), {"composition": "paired", "abduction": "inversion"})
+    assert cfg["composition"][0] == "paired" and sorted(cfg["composition"]) == sorted(c.value for c in Composition)
+    assert sorted(cfg["abduction"]) == sorted(a.value for a in Abduction)
+    for key in ("composition", "abduction"):
+        for choice in cfg[key]:
+            req = parse_params({"target_age": "80", key: [choice]}, ["age"])
+            assert req.settings[key] == choice
+
+
 @pytest.mark.parametrize("params,image,model,status,message", [
     ({"target": {"height": 180, "sex": "F", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "unknown attribute"),
     ({"target": {"age": 150, "sex": "F", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "out of range"),
@@ -180,6 +197,7 @@ def test_slicer_style_flat_params(server):
     ({"target": {"age": 80}}, "anatomical", MODEL, 422, "missing"),
     ({"target": TARGET, "strength": 2}, "anatomical", MODEL, 422, "strength"),
     ({"target": TARGET, "drfit": 0.1}, "anatomical", MODEL, 422, "unknown parameter"),
+    ({"target": TARGET, "composition": "blend"}, "anatomical", MODEL, 422, "composition must be one of"),
     ({}, "anatomical", MODEL, 422, "no target"),
     ("{not json", "anatomical", MODEL, 400, "JSON"),
     ({"target": TARGET}, "no_such_image", MODEL, 404, "unknown image id"),

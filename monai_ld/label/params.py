@@ -23,11 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from monai_ld.inferers import Abduction, Composition
+
 __all__ = ["RequestError", "CounterfactualRequest", "parse_params", "RESULT_KINDS", "SETTING_KEYS", "slicer_config"]
 
 RESULT_KINDS = ("counterfactual", "difference")
 SETTING_KEYS = ("drift", "strength", "guidance", "seed", "num_inference_steps", "composition", "abduction")
-_CHOICES = {"composition": ("none", "residual"), "abduction": ("inversion", "noising")}
+_CHOICES = {"composition": tuple(c.value for c in Composition), "abduction": tuple(a.value for a in Abduction)}
 _UNSET = ("", "(keep)", "(unknown)", "keep", "none_given")
 # keys MONAI Label itself (server, Slicer / OHIF clients) puts into an infer request: accepted and ignored
 MONAI_LABEL_KEYS = frozenset({
