@@ -596,9 +596,10 @@ class CounterfactualSetMetrics(Metric):
             return None
         if r["n_fake"] < r["feature_dim"] + 1:
             notes[what + ".small_sample"] = (
-                f"{r['n_fake']} images vs {r['feature_dim']}-dim features: the covariance is rank-deficient and FID/KID/"
-                f"MMD are biased upward at this size; compare with the *_reference values (held-out real images vs the "
-                f"same reference set at the same size), not with published Inception FIDs")
+                f"{r['n_fake']} images vs {r['feature_dim']}-dim features: the covariance is rank-deficient and FID is "
+                f"biased upward at this size; KID and MMD are unbiased but noisy (values below 0 mean the sets are not "
+                f"told apart); compare with the *_reference values (held-out real images vs the same reference set at "
+                f"the same size), not with published Inception FIDs")
         return r
 
     def compute(self) -> dict:
