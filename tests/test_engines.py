@@ -1,5 +1,6 @@
 """Training engines: LD prepare-batch, fine-tuning adapters, reproducibility, resume after a kill, torchrun DDP."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -102,32 +103,38 @@ def test_finetune_schemes_write_plain_checkpoints(tmp_path):
             assert changed and all(".to_" in k or "out_proj" in k for k in changed)
 
 
+def _checkpoint_iterations(ckpts: Path) -> list[int]:
+    return sorted((int(p.name.split("=")[1][:-3]) for p in ckpts.glob("checkpoint_*=*.pt")), reverse=True)
+
+
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     ckpts = tmp_path / "model.work" / "checkpoints"
-    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "2", "400", "3"]
+    total = 400
+    cmd = [sys.executable, str(SCRIPT), str(tmp_path), "2", str(total), "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
+        # the saver keeps only the newest two files, so wait for ANY checkpoint past the first two, not one name
         deadline = time.time() + 240
-        while time.time() < deadline and not any(ckpts.glob("checkpoint_*=6.pt")):
+        while time.time() < deadline and not [i for i in _checkpoint_iterations(ckpts) if i >= 6]:
             assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
-        assert any(ckpts.glob("checkpoint_*=6.pt")), "no checkpoint within 240 s"
+            time.sleep(0.05)
+        assert [i for i in _checkpoint_iterations(ckpts) if i >= 6], "no checkpoint within 240 s"
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (tmp_path / "model.pt").exists()  # killed mid-way: no final model
     # MONAI's CheckpointSaver writes in place, so the kill can truncate the newest file: resume must use the newest
-    # READABLE checkpoint (at least 5 here, since 6 had started)
-    def readable(path):
+    # READABLE checkpoint
+    def readable(iteration):
         try:
-            torch.load(path, map_location="cpu", weights_only=True)
+            torch.load(next(ckpts.glob(f"checkpoint_*={iteration}.pt")), map_location="cpu", weights_only=True)
             return True
         except Exception:
             return False
 
-    found = sorted(ckpts.glob("checkpoint_*.pt"), key=lambda p: int(p.name.split("=")[1][:-3]), reverse=True)
-    last = next(int(p.name.split("=")[1][:-3]) for p in found if readable(p))
-    assert last >= 5
+    last = next(i for i in _checkpoint_iterations(ckpts) if readable(i))
+    assert 3 <= last < total
     r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "2", str(last + 3), "3"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rec = ConditionalLDM.load(tmp_path / "model.pt").meta["diffusion_record"]
