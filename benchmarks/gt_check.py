@@ -5,7 +5,11 @@
 
 Prints one JSON line per (guidance, strength, drift): mean L1 and SSIM of counterfactual vs GT and of input vs GT,
 the autoencoder reconstruction's, and the same split by intervened attribute (``by_attribute``), since findings
-whose placement is the subject's own (unobservable) draw cannot be predicted from the image. The bundle's
+whose placement is the subject's own (unobservable) draw cannot be predicted from the image.
+
+``latent_oracle_l1`` is the ceiling the autoencoder allows: ``x + D(E(gt)) - D(E(x))``, the paired composition of a
+perfect diffusion model that lands exactly on the ground truth's latent. When it is not below ``input_l1``, no
+diffusion training can make the counterfactual closer to the ground truth than the input: improve the autoencoder. The bundle's
 phantoms are generated first when absent (``configs/evaluate.json``'s ``phantoms``).
 """
 
@@ -40,6 +44,11 @@ pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "mo
 pairs = load_counterfactual_pairs(manifest, pipe.model.meta["preprocessing"], pipe.encoder, "test", a.n)
 x = torch.stack([q["image"] for q in pairs]).float()
 gt = torch.stack([q["ground_truth"] for q in pairs]).float()
+with torch.no_grad():
+    ae = pipe.model.autoencoder.eval()
+    bound = torch.cat([x[i:i + 1] + ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(gt[i:i + 1]))
+                       - ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x[i:i + 1])) for i in range(len(x))])
+oracle_l1 = round(ground_truth_error(bound, gt, x)["counterfactual"]["l1"], 4)
 groups = defaultdict(list)
 for i, q in enumerate(pairs):
     groups["+".join(q["intervened"])].append(i)
@@ -73,5 +82,6 @@ for guidance in a.guidances:
                               "cf_l1": _mean(res, "counterfactual", "l1"), "cf_ssim": _mean(res, "counterfactual", "ssim"),
                               "input_l1": _mean(res, "input", "l1"), "input_ssim": _mean(res, "input", "ssim"),
                               "recon_l1": _mean(rr, "counterfactual", "l1"), "recon_ssim": _mean(rr, "counterfactual", "ssim"),
+                              "latent_oracle_l1": oracle_l1,
                               "fraction_closer_than_input": res["fraction_closer_than_input"], "by_attribute": by}),
                   flush=True)
