@@ -167,7 +167,7 @@ def test_engine_reversibility_matches_library_on_pipeline(setup):
     for p in pairs:  # a 16³ crop keeps this test fast (the tiny networks accept it)
         p["image"], p["ground_truth"] = p["image"][:, 8:24, 8:24, 8:24], p["ground_truth"][:, 8:24, 8:24, 8:24]
     editor = PipelineEditor(pipe, drift=0.0, num_inference_steps=3)
-    key, extra = counterfactual_metrics((16, 16, 16), setup["encoder"])
+    key, extra = counterfactual_metrics((16, 16, 16), setup["encoder"], latent_oracle=True)
     engine = CounterfactualEvaluator("cpu", make_batches(pairs), editor, composition_steps=(), key_val_metric=key,
                                      additional_metrics=extra)
     engine.run()
@@ -175,6 +175,12 @@ def test_engine_reversibility_matches_library_on_pipeline(setup):
     lib = reversibility(editor, p["image"][None], [p["source"]], [p["target"]], cycles=(1,))
     assert engine.state.metrics["set_metrics"]["reversibility"]["mean"] == pytest.approx(lib["cycles"]["1"], rel=1e-5)
     assert lib["cycles"]["1"] > 0
+    # the latent-oracle ceiling: x + D(E(gt)) - D(E(x)) against the ground truth
+    ae = pipe.model.autoencoder
+    with torch.no_grad():
+        x, gt = p["image"][None], p["ground_truth"][None]
+        ceiling = x + ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(gt)) - ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x))
+    assert engine.state.metrics["gt_l1_latent_oracle"] == pytest.approx(l1(ceiling, gt), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -194,7 +200,9 @@ def test_evaluate_cli_report(setup, tmp_path, capsys):
     assert rc == 0
     rep = json.loads((out / "report.json").read_text())
     m, notes = rep["metrics"], rep["notes"]
-    for k in FLAT_METRICS + ("gt_l1_input", "gt_ssim_input", "composition_k2", "fid_reference", "effectiveness_input"):
+    assert m["gt_l1_latent_oracle"] > 0  # the pipeline's autoencoder gives the ceiling
+    for k in FLAT_METRICS + ("gt_l1_input", "gt_ssim_input", "composition_k2", "fid_reference", "effectiveness_input",
+                             "gt_l1_latent_oracle"):
         assert k in m, k
         v = m[k]
         assert (isinstance(v, (int, float)) and math.isfinite(v)) or (v is None and f"metrics.{k}" in notes), (k, v)

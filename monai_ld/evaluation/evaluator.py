@@ -24,7 +24,9 @@ Definitions used for the flat per-δ ``metrics`` (all from the library functions
 - ``ssim`` / ``psnr`` / ``l1``: counterfactual vs its input (how much the edit changed); data range 1.
 - ``gt_l1`` / ``gt_ssim``: counterfactual vs the exact ground-truth counterfactual; ``gt_l1_input`` / ``gt_ssim_input``
   score the unchanged input the same way (doing nothing), ``gt_l1_reconstruction`` the autoencoder reconstruction
-  (the floor a non-residual edit starts from); ``gt_change_correlation``: Pearson correlation, per sample, between
+  (the floor a non-residual edit starts from), ``gt_l1_latent_oracle`` the ceiling the autoencoder allows,
+  ``x + D(E(gt)) - D(E(x))`` (when it is not below ``gt_l1_input``, no diffusion training can beat doing nothing;
+  null for a generator without ``autoencode``); ``gt_change_correlation``: Pearson correlation, per sample, between
   the model's change (:attr:`CounterfactualOutput.change`: ``cf - reconstruction``, or ``cf - D(z^s_0)`` for the
   paired composition) and the true change ``gt - input`` (1 = the right change in the right
   place), averaged.
@@ -316,6 +318,14 @@ class PipelineEditor:
     def __call__(self, images: torch.Tensor, source_rows: Sequence[Mapping], target_rows: Sequence[Mapping]) -> torch.Tensor:
         return self.edit(images, source_rows, target_rows).image
 
+    @torch.no_grad()
+    def autoencode(self, images: torch.Tensor) -> torch.Tensor:
+        """``D(E(images))`` with the model's autoencoder, one sample at a time: ``(B, C, *spatial)``."""
+        ae = self.pipe.model.autoencoder
+        dev = next(ae.parameters()).device
+        out = [ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(images[i : i + 1].to(dev))) for i in range(images.shape[0])]
+        return torch.cat(out).to(images.device, images.dtype)
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # the engine
@@ -412,7 +422,11 @@ class CounterfactualEvaluator(Evaluator):
                     back = self._edit(cf[sel], [tgt[i] for i in sel], [src[i] for i in sel]).image
                 rev[:budget] = _l1_per_sample(back, xs).cpu()
         self._seen += b
+        # x + D(E(gt)) - D(E(x)): a perfect diffusion model seen through this autoencoder
+        extra = {"latent_oracle": x + self.editor.autoencode(gt) - self.editor.autoencode(x)} \
+            if hasattr(self.editor, "autoencode") else {}
         return {
+            **extra,
             "input": x, "counterfactual": cf, "reconstruction": rec, "ground_truth": gt, "source": src, "target": tgt,
             "change": cf - rec if change is None else change,
             "intervened": list(batchdata["intervened"]) if "intervened" in batchdata
@@ -441,6 +455,7 @@ def counterfactual_metrics(
     oracle: AttributeOracle | None = None,
     reference: Mapping[str, Any] | None = None,
     data_range: float = 1.0,
+    latent_oracle: bool = False,
     **set_kwargs: Any,
 ) -> tuple[dict[str, Metric], dict[str, Metric]]:
     """``(key_val_metric, additional_metrics)`` for :class:`CounterfactualEvaluator`.
@@ -448,7 +463,8 @@ def counterfactual_metrics(
     Per-sample similarity numbers are MONAI metrics behind :class:`~monai.handlers.IgniteMetricHandler`
     (SSIM: Gaussian window σ = 1.5, shrunk to fit small images — the same as :func:`~.similarity.ssim`); the
     set-level ones come from :class:`CounterfactualSetMetrics` (``reference``: ``{"features": (R, F), "rows": [...]}``
-    of real images, for minimality and realism).
+    of real images, for minimality and realism). ``latent_oracle``: also score ``gt_l1_latent_oracle`` (the generator
+    must have ``autoencode``, as :class:`PipelineEditor` does).
     """
     sd = len(spatial_shape)
     k = ssim_window(spatial_shape)
@@ -471,6 +487,8 @@ def counterfactual_metrics(
         "psnr": IgniteMetricHandler(PSNRMetric(max_val=data_range), output_transform=_pair("counterfactual", "input"), save_details=False),
         "set_metrics": CounterfactualSetMetrics(encoder, oracle=oracle, reference=reference, data_range=data_range, **set_kwargs),
     }
+    if latent_oracle:
+        extra["gt_l1_latent_oracle"] = mae_h("latent_oracle", "ground_truth")
     return key, extra
 
 
@@ -665,8 +683,11 @@ def _flat_metrics(state_metrics: Mapping[str, Any], composition_steps: Sequence[
     put("fid", real.get("fid"), (real.get("notes") or {}).get("fid") or s["notes"].get("realism") or no_oracle)
     put("kid", real.get("kid_mean"), (real.get("notes") or {}).get("kid") or s["notes"].get("realism") or no_oracle)
     put("mmd", real.get("mmd_rbf"), (real.get("notes") or {}).get("mmd_rbf") or s["notes"].get("realism") or no_oracle)
-    for key in ("ssim", "psnr", "l1", "gt_l1", "gt_ssim", "gt_l1_input", "gt_ssim_input", "gt_l1_reconstruction"):
-        put(key, state_metrics.get(key), "identical images (PSNR infinite)" if key == "psnr" else "not computable")
+    why = {"psnr": "identical images (PSNR infinite)",
+           "gt_l1_latent_oracle": "the generator has no autoencoder (autoencode), so there is no latent-oracle ceiling"}
+    for key in ("ssim", "psnr", "l1", "gt_l1", "gt_ssim", "gt_l1_input", "gt_ssim_input", "gt_l1_reconstruction",
+                "gt_l1_latent_oracle"):
+        put(key, state_metrics.get(key), why.get(key, "not computable"))
     eff = s.get("effectiveness") or {}
     why_eff = s["notes"].get("effectiveness") or no_oracle
     put("effectiveness", eff.get("success_rate"), why_eff)
@@ -733,7 +754,7 @@ def evaluate_counterfactuals(
     out: dict = {"by_drift": {}, "collected": {}}
     for d in drifts:
         editor = PipelineEditor(pipe, drift=float(d), **dict(settings or {}))
-        key, extra = counterfactual_metrics(spatial, enc, oracle=oracle, reference=reference)
+        key, extra = counterfactual_metrics(spatial, enc, oracle=oracle, reference=reference, latent_oracle=True)
         engine = CounterfactualEvaluator(device, batches, editor, composition_steps=composition_steps,
                                          axiom_subjects=axiom_subjects, key_val_metric=key, additional_metrics=extra)
         if progress:

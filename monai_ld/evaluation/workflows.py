@@ -451,6 +451,7 @@ _DESCRIPTIONS = {
     "gt_l1_input": "L1 unchanged input vs ground truth (do nothing)",
     "gt_ssim_input": "SSIM unchanged input vs ground truth",
     "gt_l1_reconstruction": "L1 autoencoder reconstruction vs ground truth (floor)",
+    "gt_l1_latent_oracle": "L1 of x + D(E(gt)) − D(E(x)) vs ground truth: the best a perfect diffusion model reaches through this autoencoder",
     "gt_change_correlation": "corr(model change, gt − input) ↑",
     "gt_fraction_closer_than_input": "share of cfs closer to gt than the input",
 }
