@@ -7,8 +7,8 @@ Prints one JSON line per (guidance, strength, drift): mean L1 and SSIM of counte
 the autoencoder reconstruction's, and the same split by intervened attribute (``by_attribute``), since findings
 whose placement is the subject's own (unobservable) draw cannot be predicted from the image.
 
-``latent_oracle_l1`` is the ceiling the autoencoder allows: ``x + D(E(gt)) - D(E(x))``, the paired composition of a
-perfect diffusion model that lands exactly on the ground truth's latent. When it is not below ``input_l1``, no
+``latent_oracle_l1`` is the ceiling the autoencoder allows: ``x + D(E(gt)) - D(E(x))`` (posterior means), the paired
+composition of a perfect diffusion model that lands exactly on the ground truth's latent. When it is not below ``input_l1``, no
 diffusion training can make the counterfactual closer to the ground truth than the input: improve the autoencoder. The bundle's
 phantoms are generated first when absent (``configs/evaluate.json``'s ``phantoms``).
 """
@@ -22,7 +22,7 @@ import torch
 
 from monai_ld import bundle_support
 from monai_ld.evaluation import ground_truth_error
-from monai_ld.evaluation.evaluator import load_counterfactual_pairs
+from monai_ld.evaluation.evaluator import PipelineEditor, add_latent_oracle, load_counterfactual_pairs
 from monai_ld.pipeline import CounterfactualPipeline
 
 p = argparse.ArgumentParser()
@@ -44,17 +44,14 @@ pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "mo
 pairs = load_counterfactual_pairs(manifest, pipe.model.meta["preprocessing"], pipe.encoder, "test", a.n)
 x = torch.stack([q["image"] for q in pairs]).float()
 gt = torch.stack([q["ground_truth"] for q in pairs]).float()
-with torch.no_grad():
-    ae = pipe.model.autoencoder.eval()
-    bound = torch.cat([x[i:i + 1] + ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(gt[i:i + 1]))
-                       - ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(x[i:i + 1])) for i in range(len(x))])
+bound = add_latent_oracle([{"image": x, "ground_truth": gt}], PipelineEditor(pipe).autoencode)[0]["latent_oracle"]
 oracle_l1 = round(ground_truth_error(bound, gt, x)["counterfactual"]["l1"], 4)
 groups = defaultdict(list)
 for i, q in enumerate(pairs):
     groups["+".join(q["intervened"])].append(i)
 
 
-def _mean(r, which, metric):
+def _r(r, which, metric):
     return round(r[which][metric], 4)
 
 
@@ -72,16 +69,16 @@ for guidance in a.guidances:
             by = {}
             for name, idx in sorted(groups.items()):
                 r = ground_truth_error(cf[idx], gt[idx], x[idx])
-                by[name] = {"n": len(idx), "cf_l1": _mean(r, "counterfactual", "l1"), "input_l1": _mean(r, "input", "l1"),
-                            "cf_ssim": _mean(r, "counterfactual", "ssim"), "input_ssim": _mean(r, "input", "ssim")}
+                by[name] = {"n": len(idx), "cf_l1": _r(r, "counterfactual", "l1"), "input_l1": _r(r, "input", "l1"),
+                            "cf_ssim": _r(r, "counterfactual", "ssim"), "input_ssim": _r(r, "input", "ssim")}
             rr = ground_truth_error(rec, gt, x)
             print(json.dumps({"guidance": guidance if guidance is not None else pipe.defaults["guidance"],
                               "strength": strength if strength is not None else pipe.defaults["strength"],
                               "drift": d, "composition": a.composition or pipe.defaults["composition"], "n": len(pairs),
                               "steps": a.steps,
-                              "cf_l1": _mean(res, "counterfactual", "l1"), "cf_ssim": _mean(res, "counterfactual", "ssim"),
-                              "input_l1": _mean(res, "input", "l1"), "input_ssim": _mean(res, "input", "ssim"),
-                              "recon_l1": _mean(rr, "counterfactual", "l1"), "recon_ssim": _mean(rr, "counterfactual", "ssim"),
+                              "cf_l1": _r(res, "counterfactual", "l1"), "cf_ssim": _r(res, "counterfactual", "ssim"),
+                              "input_l1": _r(res, "input", "l1"), "input_ssim": _r(res, "input", "ssim"),
+                              "recon_l1": _r(rr, "counterfactual", "l1"), "recon_ssim": _r(rr, "counterfactual", "ssim"),
                               "latent_oracle_l1": oracle_l1,
                               "fraction_closer_than_input": res["fraction_closer_than_input"], "by_attribute": by}),
                   flush=True)

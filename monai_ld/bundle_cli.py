@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .inferers import Composition
+
 BUNDLE_NAMES = ("brain_mri_counterfactual", "chest_xray_counterfactual")
 
 
@@ -134,7 +136,7 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
     g.add_argument("--seed", type=int, help="random seed")
     g.add_argument("--steps", type=int, help="DDIM inference steps")
-    g.add_argument("--composition", choices=("none", "residual", "paired"),
+    g.add_argument("--composition", choices=[c.value for c in Composition],
                    help="residual: input + (D(z') - D(z)); paired: input + (D(z') - D(z_source)), the same noise regenerated under the source attributes (identity edit = input)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")

@@ -103,6 +103,29 @@ def test_finetune_schemes_write_plain_checkpoints(tmp_path):
             assert changed and all(".to_" in k or "out_proj" in k for k in changed)
 
 
+def test_ema_weights_are_the_running_average_of_the_iterates(tmp_path):
+    r = subprocess.run([sys.executable, str(SCRIPT), str(tmp_path), "2", "2", "100"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    base = tmp_path / "model.pt"
+
+    def run(n, ema=None):
+        out = finetune(_samples(), base, tmp_path / f"ft{n}_{ema}.pt", scheme="full", max_iterations=n, batch_size=4, lr=1e-2,
+                       progress=False, ema_decay=ema, work_dir=tmp_path / f"work{n}_{ema}")
+        return ConditionalLDM.load(out)
+
+    d = 0.6
+    thetas = [ConditionalLDM.load(base).unet.state_dict()] + [run(n).unet.state_dict() for n in (1, 2, 3)]
+    m = run(3, d)
+    assert m.meta["finetune_full_record"]["ema_decay"] == d
+    for k, v in m.unet.state_dict().items():
+        t0, t1, t2, t3 = (t[k].double() for t in thetas)
+        expected = d**3 * t0 + (1 - d) * (d**2 * t1 + d * t2 + t3)
+        assert torch.allclose(v.double(), expected, atol=1e-5), k
+    assert not torch.allclose(m.unet.state_dict()[k].double(), t3)  # not the last iterate
+    with pytest.raises(ValueError, match="ema_decay"):
+        run(1, 1.5)
+
+
 def _checkpoint_iterations(ckpts: Path) -> list[int]:
     return sorted((int(p.name.split("=")[1][:-3]) for p in ckpts.glob("checkpoint_*=*.pt")), reverse=True)
 
@@ -115,10 +138,10 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     try:
         # the saver keeps only the newest two files, so wait for ANY checkpoint past the first two, not one name
         deadline = time.time() + 240
-        while time.time() < deadline and not [i for i in _checkpoint_iterations(ckpts) if i >= 6]:
+        while time.time() < deadline and not any(i >= 6 for i in _checkpoint_iterations(ckpts)):
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.05)
-        assert [i for i in _checkpoint_iterations(ckpts) if i >= 6], "no checkpoint within 240 s"
+        assert any(i >= 6 for i in _checkpoint_iterations(ckpts)), "no checkpoint within 240 s"
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)

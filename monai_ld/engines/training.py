@@ -167,8 +167,15 @@ def _run(
     device: torch.device,
     progress: bool,
     name: str,
+    ema_decay: float | None = None,
 ) -> dict[str, Any]:
-    """Train ``network`` for ``max_iterations`` with Adam; checkpoints in ``work_dir/checkpoints`` resume a killed run."""
+    """Train ``network`` for ``max_iterations`` with Adam; checkpoints in ``work_dir/checkpoints`` resume a killed run.
+
+    ``ema_decay`` (e.g. 0.999): keep an exponential moving average of the weights (ignite's ``EMAHandler``, saved in
+    the checkpoints) and leave it in ``network`` at the end; diffusion models sample better from averaged weights.
+    """
+    if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in (0, 1) (e.g. 0.999) or None, got {ema_decay}")
     optimizer = torch.optim.Adam(params, lr=lr)
     epoch_length = len(loader)
     if epoch_length == 0:
@@ -194,11 +201,24 @@ def _run(
             engine.terminate()
 
     ckpt_dir = work_dir / "checkpoints"
-    save_dict = {"network": network.module if isinstance(network, DistributedDataParallel) else network,
-                 "optimizer": optimizer, "trainer": trainer}
+    base = network.module if isinstance(network, DistributedDataParallel) else network
+    save_dict = {"network": base, "optimizer": optimizer, "trainer": trainer}
+    ema = None
+    if ema_decay is not None:
+        from ignite.handlers import EMAHandler
+
+        ema = EMAHandler(base, momentum=1.0 - ema_decay)
+        ema.attach(trainer, name="ema_momentum", warn_if_exists=False)
+        save_dict["ema"] = ema.ema_model
     start_iteration = 0
+    load_dict, ema_in_checkpoint = save_dict, False
     if resume and (latest := _latest_checkpoint(ckpt_dir)) is not None:
-        CheckpointLoader(load_path=str(latest), load_dict=save_dict, map_location=device).attach(trainer)
+        ema_in_checkpoint = ema is not None and "ema" in torch.load(latest, map_location="cpu", weights_only=True)
+        if ema is not None and not ema_in_checkpoint:
+            load_dict = {k: v for k, v in save_dict.items() if k != "ema"}
+        CheckpointLoader(load_path=str(latest), load_dict=load_dict, map_location=device).attach(trainer)
+        if ema is not None and not ema_in_checkpoint:  # a run started without EMA: average from the resumed weights on
+            trainer.add_event_handler(Events.STARTED, lambda _: ema.ema_model.load_state_dict(base.state_dict()))
         start_iteration = int(re.search(r"=(\d+)\.pt$", latest.name).group(1))  # type: ignore[union-attr]
         logger.info("%s: resuming from %s (iteration %d)", name, latest, start_iteration)
     if rank == 0:
@@ -217,12 +237,16 @@ def _run(
     elif start_iteration:  # nothing left to train: still take the checkpoint's weights
         from ignite.handlers import Checkpoint
 
-        Checkpoint.load_objects(to_load=save_dict, checkpoint=torch.load(latest, map_location=device, weights_only=True))
+        Checkpoint.load_objects(to_load=load_dict, checkpoint=torch.load(latest, map_location=device, weights_only=True))
         trainer.state.iteration = start_iteration
+        if ema is not None and not ema_in_checkpoint:
+            ema.ema_model.load_state_dict(base.state_dict())
     seconds = time.perf_counter() - t0
+    if ema is not None:
+        base.load_state_dict(ema.ema_model.state_dict())
     tail = losses[-min(len(losses), 50):] if losses else []
     return {"iterations": int(trainer.state.iteration), "resumed_from": start_iteration, "seconds": round(seconds, 1),
-            "final_loss": (sum(tail) / len(tail)) if tail else None}
+            "final_loss": (sum(tail) / len(tail)) if tail else None, "ema_decay": ema_decay}
 
 
 # -- autoencoder ------------------------------------------------------------------------------------------------------
@@ -298,7 +322,8 @@ def _latent_samples(autoencoder: torch.nn.Module, samples: Sequence[Mapping[str,
 def _diffusion_job(model: ConditionalLDM, params: Sequence[torch.nn.Parameter], samples: Sequence[Mapping[str, Any]],
                    output: Path, work: Path, max_iterations: int, batch_size: int, lr: float, condition_dropout: float,
                    drift: float, drift_target: str, checkpoint_every: int, resume: bool, seed: int, device: str,
-                   progress: bool, name: str, scale_factor: float | None, before_save: Callable | None = None) -> Path:
+                   progress: bool, name: str, scale_factor: float | None, before_save: Callable | None = None,
+                   ema_decay: float | None = None) -> Path:
     if any("condition" not in s for s in samples):
         raise ValueError("every training sample needs a 'condition' (run preprocessing with the attribute encoder)")
     set_determinism(seed)
@@ -312,7 +337,8 @@ def _diffusion_job(model: ConditionalLDM, params: Sequence[torch.nn.Parameter], 
         gen = torch.Generator().manual_seed(seed + rank)
         prepare = LatentDriftPrepareBatch(scheduler, drift=drift, drift_target=drift_target, condition_dropout=condition_dropout, generator=gen)
         record = _run(net, params, _loader(latents, batch_size, seed, world, rank), torch.nn.MSELoss(), prepare,
-                      DiffusionInferer(scheduler), max_iterations, lr, work, checkpoint_every, resume, rank, dev, progress, name)
+                      DiffusionInferer(scheduler), max_iterations, lr, work, checkpoint_every, resume, rank, dev, progress, name,
+                      ema_decay)
         if rank == 0:
             if before_save is not None:
                 before_save(model)
@@ -346,12 +372,14 @@ def train_diffusion(
     work_dir: str | os.PathLike | None = None,
     meta: Mapping[str, Any] | None = None,
     progress: bool = True,
+    ema_decay: float | None = None,
 ) -> Path:
     """Train a conditional diffusion UNet on cached latents of a trained autoencoder; write a :class:`ConditionalLDM`.
 
     The latents are encoded once (posterior means), scaled by ``1/std`` unless ``scale_factor`` is given; conditions
     are dropped to the null code with ``condition_dropout`` (classifier-free guidance); ``drift`` ≠ 0 trains with LD
-    forward drift (see :class:`LatentDriftPrepareBatch`).
+    forward drift (see :class:`LatentDriftPrepareBatch`); ``ema_decay`` saves an exponential moving average of the UNet
+    weights instead of the last iterate.
     """
     ae, _ = load_autoencoder(autoencoder)
     enc = attributes if isinstance(attributes, AttributeEncoder) else AttributeEncoder(attributes)
@@ -364,7 +392,7 @@ def train_diffusion(
     return _diffusion_job(model, list(model.unet.parameters()), samples, output,
                           Path(work_dir) if work_dir else output.with_suffix(".work"), max_iterations, batch_size, lr,
                           condition_dropout, drift, drift_target, checkpoint_every, resume, seed, device, progress,
-                          "diffusion", scale_factor)
+                          "diffusion", scale_factor, ema_decay=ema_decay)
 
 
 def finetune(
@@ -385,6 +413,7 @@ def finetune(
     device: str = "cpu",
     work_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    ema_decay: float | None = None,
 ) -> Path:
     """Fine-tune a trained :class:`ConditionalLDM` on new samples with a scheme, with or without LD.
 
@@ -401,4 +430,4 @@ def finetune(
     return _diffusion_job(model, params, samples, output, Path(work_dir) if work_dir else output.with_suffix(".work"),
                           max_iterations, batch_size, lr, condition_dropout, drift, drift_target, checkpoint_every, resume,
                           seed, device, progress, f"finetune_{scheme}", model.scale_factor,
-                          before_save=lambda m: merge_adapters(m.unet))
+                          before_save=lambda m: merge_adapters(m.unet), ema_decay=ema_decay)

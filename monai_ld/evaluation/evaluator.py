@@ -26,7 +26,7 @@ Definitions used for the flat per-δ ``metrics`` (all from the library functions
   score the unchanged input the same way (doing nothing), ``gt_l1_reconstruction`` the autoencoder reconstruction
   (the floor a non-residual edit starts from), ``gt_l1_latent_oracle`` the ceiling the autoencoder allows,
   ``x + D(E(gt)) - D(E(x))`` (when it is not below ``gt_l1_input``, no diffusion training can beat doing nothing;
-  null for a generator without ``autoencode``); ``gt_change_correlation``: Pearson correlation, per sample, between
+  null for a generator without an autoencoder); ``gt_change_correlation``: Pearson correlation, per sample, between
   the model's change (:attr:`CounterfactualOutput.change`: ``cf - reconstruction``, or ``cf - D(z^s_0)`` for the
   paired composition) and the true change ``gt - input`` (1 = the right change in the right
   place), averaged.
@@ -75,6 +75,7 @@ from .similarity import ssim_window
 __all__ = [
     "MANIFEST_PAIR_COLUMNS",
     "read_manifest",
+    "add_latent_oracle",
     "load_counterfactual_pairs",
     "load_reference",
     "intervened_attributes",
@@ -274,6 +275,14 @@ def make_batches(pairs: Sequence[Mapping], batch_size: int = 1) -> list[dict]:
     return batches
 
 
+def add_latent_oracle(batches: Sequence[dict], autoencode: Callable[[torch.Tensor], torch.Tensor]) -> list[dict]:
+    """Give each batch ``latent_oracle = image + D(E(ground_truth)) - D(E(image))``: a perfect diffusion model seen
+    through the autoencoder ``autoencode`` (``D(E(.))``, e.g. :meth:`PipelineEditor.autoencode`). It does not depend on
+    δ or the edit settings, so it is computed once per pair set, not per edit."""
+    with torch.no_grad():
+        return [{**b, "latent_oracle": b["image"] + autoencode(b["ground_truth"]) - autoencode(b["image"])} for b in batches]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the generator under test
 # ---------------------------------------------------------------------------------------------------------------
@@ -320,10 +329,11 @@ class PipelineEditor:
 
     @torch.no_grad()
     def autoencode(self, images: torch.Tensor) -> torch.Tensor:
-        """``D(E(images))`` with the model's autoencoder, one sample at a time: ``(B, C, *spatial)``."""
+        """``D(E(images))`` with the model's autoencoder (posterior mean, as the pipeline encodes), one sample at a
+        time: ``(B, C, *spatial)``."""
         ae = self.pipe.model.autoencoder
         dev = next(ae.parameters()).device
-        out = [ae.decode_stage_2_outputs(ae.encode_stage_2_inputs(images[i : i + 1].to(dev))) for i in range(images.shape[0])]
+        out = [ae.decode(ae.encode(images[i : i + 1].to(dev))[0]) for i in range(images.shape[0])]
         return torch.cat(out).to(images.device, images.dtype)
 
 
@@ -422,9 +432,7 @@ class CounterfactualEvaluator(Evaluator):
                     back = self._edit(cf[sel], [tgt[i] for i in sel], [src[i] for i in sel]).image
                 rev[:budget] = _l1_per_sample(back, xs).cpu()
         self._seen += b
-        # x + D(E(gt)) - D(E(x)): a perfect diffusion model seen through this autoencoder
-        extra = {"latent_oracle": x + self.editor.autoencode(gt) - self.editor.autoencode(x)} \
-            if hasattr(self.editor, "autoencode") else {}
+        extra = {"latent_oracle": batchdata["latent_oracle"].to(dev)} if "latent_oracle" in batchdata else {}
         return {
             **extra,
             "input": x, "counterfactual": cf, "reconstruction": rec, "ground_truth": gt, "source": src, "target": tgt,
@@ -463,8 +471,8 @@ def counterfactual_metrics(
     Per-sample similarity numbers are MONAI metrics behind :class:`~monai.handlers.IgniteMetricHandler`
     (SSIM: Gaussian window σ = 1.5, shrunk to fit small images — the same as :func:`~.similarity.ssim`); the
     set-level ones come from :class:`CounterfactualSetMetrics` (``reference``: ``{"features": (R, F), "rows": [...]}``
-    of real images, for minimality and realism). ``latent_oracle``: also score ``gt_l1_latent_oracle`` (the generator
-    must have ``autoencode``, as :class:`PipelineEditor` does).
+    of real images, for minimality and realism). ``latent_oracle``: also score ``gt_l1_latent_oracle`` (the batches
+    must carry ``latent_oracle``: :func:`add_latent_oracle`).
     """
     sd = len(spatial_shape)
     k = ssim_window(spatial_shape)
@@ -684,7 +692,7 @@ def _flat_metrics(state_metrics: Mapping[str, Any], composition_steps: Sequence[
     put("kid", real.get("kid_mean"), (real.get("notes") or {}).get("kid") or s["notes"].get("realism") or no_oracle)
     put("mmd", real.get("mmd_rbf"), (real.get("notes") or {}).get("mmd_rbf") or s["notes"].get("realism") or no_oracle)
     why = {"psnr": "identical images (PSNR infinite)",
-           "gt_l1_latent_oracle": "the generator has no autoencoder (autoencode), so there is no latent-oracle ceiling"}
+           "gt_l1_latent_oracle": "the batches carry no latent_oracle (a generator without an autoencoder)"}
     for key in ("ssim", "psnr", "l1", "gt_l1", "gt_ssim", "gt_l1_input", "gt_ssim_input", "gt_l1_reconstruction",
                 "gt_l1_latent_oracle"):
         put(key, state_metrics.get(key), why.get(key, "not computable"))
@@ -749,7 +757,7 @@ def evaluate_counterfactuals(
             raise EvaluationError(f"the oracle does not predict the model's attribute(s) {missing}")
     if reference is not None and oracle is not None and "features" not in reference:
         reference = {**reference, "features": oracle.features(reference["images"])}
-    batches = make_batches(pairs, batch_size)
+    batches = add_latent_oracle(make_batches(pairs, batch_size), PipelineEditor(pipe).autoencode)
     spatial = tuple(pairs[0]["image"].shape[1:])
     out: dict = {"by_drift": {}, "collected": {}}
     for d in drifts:
