@@ -14,6 +14,7 @@ phantoms are generated first when absent (``configs/evaluate.json``'s ``phantoms
 """
 
 import argparse
+import itertools
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -33,6 +34,12 @@ p.add_argument("--drifts", type=float, nargs="+", default=[0.0])
 p.add_argument("--strengths", type=float, nargs="+", default=[None])
 p.add_argument("--guidances", type=float, nargs="+", default=[None])
 p.add_argument("--composition", default=None)
+p.add_argument("--mask-thresholds", type=float, nargs="+", default=[None],
+               help="DiffEdit mask thresholds to compare (default: the model's setting)")
+p.add_argument("--split", default="test", help="manifest split of the pairs")
+p.add_argument("--skip", type=int, default=0,
+               help="leave out the split's first SKIP pairs: choose settings on pairs (e.g. --skip 60) disjoint from "
+                    "those reported (the default, the first N)")
 p.add_argument("--checkpoint", default=None)
 p.add_argument("--threads", type=int, default=2)
 a = p.parse_args()
@@ -41,7 +48,7 @@ b = Path(a.bundle)
 ph = json.loads((b / "configs" / "evaluate.json").read_text())["phantoms"]
 manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"])
 pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "model.pt")
-pairs = load_counterfactual_pairs(manifest, pipe.model.meta["preprocessing"], pipe.encoder, "test", a.n)
+pairs = load_counterfactual_pairs(manifest, pipe.model.meta["preprocessing"], pipe.encoder, a.split, a.skip + a.n)[a.skip:]
 x = torch.stack([q["image"] for q in pairs]).float()
 gt = torch.stack([q["ground_truth"] for q in pairs]).float()
 bound = add_latent_oracle([{"image": x, "ground_truth": gt}], PipelineEditor(pipe).autoencode)[0]["latent_oracle"]
@@ -55,30 +62,29 @@ def _r(r, which, metric):
     return round(r[which][metric], 4)
 
 
-for guidance in a.guidances:
-    for strength in a.strengths:
-        for d in a.drifts:
-            cfs, recs = [], []
-            for q in pairs:
-                plan = pipe.resolve({k: q["target"][k] for k in q["intervened"]}, q["source"], drift=d, strength=strength,
-                                    num_inference_steps=a.steps, guidance=guidance, composition=a.composition)
-                out = pipe.edit(q["image"][None].float(), plan)
-                cfs.append(out.image[0]), recs.append(out.reconstruction[0])
-            cf, rec = torch.stack(cfs), torch.stack(recs)
-            res = ground_truth_error(cf, gt, x)
-            by = {}
-            for name, idx in sorted(groups.items()):
-                r = ground_truth_error(cf[idx], gt[idx], x[idx])
-                by[name] = {"n": len(idx), "cf_l1": _r(r, "counterfactual", "l1"), "input_l1": _r(r, "input", "l1"),
-                            "cf_ssim": _r(r, "counterfactual", "ssim"), "input_ssim": _r(r, "input", "ssim")}
-            rr = ground_truth_error(rec, gt, x)
-            print(json.dumps({"guidance": guidance if guidance is not None else pipe.defaults["guidance"],
-                              "strength": strength if strength is not None else pipe.defaults["strength"],
-                              "drift": d, "composition": a.composition or pipe.defaults["composition"], "n": len(pairs),
-                              "steps": a.steps,
-                              "cf_l1": _r(res, "counterfactual", "l1"), "cf_ssim": _r(res, "counterfactual", "ssim"),
-                              "input_l1": _r(res, "input", "l1"), "input_ssim": _r(res, "input", "ssim"),
-                              "recon_l1": _r(rr, "counterfactual", "l1"), "recon_ssim": _r(rr, "counterfactual", "ssim"),
-                              "latent_oracle_l1": oracle_l1,
-                              "fraction_closer_than_input": res["fraction_closer_than_input"], "by_attribute": by}),
-                  flush=True)
+for guidance, strength, d, mt in itertools.product(a.guidances, a.strengths, a.drifts, a.mask_thresholds):
+    cfs, recs = [], []
+    for q in pairs:
+        plan = pipe.resolve({k: q["target"][k] for k in q["intervened"]}, q["source"], drift=d, strength=strength,
+                            num_inference_steps=a.steps, guidance=guidance, composition=a.composition, mask_threshold=mt)
+        out = pipe.edit(q["image"][None].float(), plan)
+        cfs.append(out.image[0]), recs.append(out.reconstruction[0])
+    cf, rec = torch.stack(cfs), torch.stack(recs)
+    res = ground_truth_error(cf, gt, x)
+    by = {}
+    for name, idx in sorted(groups.items()):
+        r = ground_truth_error(cf[idx], gt[idx], x[idx])
+        by[name] = {"n": len(idx), "cf_l1": _r(r, "counterfactual", "l1"), "input_l1": _r(r, "input", "l1"),
+                    "cf_ssim": _r(r, "counterfactual", "ssim"), "input_ssim": _r(r, "input", "ssim")}
+    rr = ground_truth_error(rec, gt, x)
+    print(json.dumps({"split": a.split, "pairs": [a.skip, a.skip + len(pairs)], "guidance": guidance if guidance is not None else pipe.defaults["guidance"],
+                      "strength": strength if strength is not None else pipe.defaults["strength"],
+                      "drift": d, "composition": a.composition or pipe.defaults["composition"],
+                      "mask_threshold": mt if mt is not None else pipe.defaults.get("mask_threshold"), "n": len(pairs),
+                      "steps": a.steps,
+                      "cf_l1": _r(res, "counterfactual", "l1"), "cf_ssim": _r(res, "counterfactual", "ssim"),
+                      "input_l1": _r(res, "input", "l1"), "input_ssim": _r(res, "input", "ssim"),
+                      "recon_l1": _r(rr, "counterfactual", "l1"), "recon_ssim": _r(rr, "counterfactual", "ssim"),
+                      "latent_oracle_l1": oracle_l1,
+                      "fraction_closer_than_input": res["fraction_closer_than_input"], "by_attribute": by}),
+          flush=True)

@@ -52,7 +52,7 @@ def _checkpoint(bundle: Path, name: str = "model.pt") -> Path:
 
 def _settings(args: argparse.Namespace) -> dict:
     return {"drift": args.drift, "strength": args.strength, "guidance": args.guidance, "seed": args.seed,
-            "num_inference_steps": args.steps, "composition": args.composition}
+            "num_inference_steps": args.steps, "composition": args.composition, "mask_threshold": args.mask_threshold}
 
 
 def _print_outputs(outputs: dict, record_path: str) -> None:
@@ -138,6 +138,9 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="DDIM inference steps")
     g.add_argument("--composition", choices=[c.value for c in Composition],
                    help="residual: input + (D(z') - D(z)); paired: input + (D(z') - D(z_source)), the same noise regenerated under the source attributes (identity edit = input)")
+    g.add_argument("--mask-threshold", type=float, dest="mask_threshold",
+                   help="localise the edit (DiffEdit mask where the condition changes the noise prediction; in (0, 1), "
+                        "higher = smaller region; default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")
 

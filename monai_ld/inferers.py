@@ -11,6 +11,10 @@ A counterfactual follows abduction -> action -> prediction:
    ``x + (D(z'_0) - D(z^s_0))`` where ``z^s_0`` re-generates the same ``z_t`` under the SOURCE condition with the
    same guidance, drift and noise (``composition="paired"``): only the change of condition reaches the image, so
    an identity intervention returns ``x`` exactly, at twice the denoising cost.
+
+Optionally (``mask_threshold``) the edit is localised as in DiffEdit (Couairon et al., 2022): a latent mask where the
+noise predictions under the target and the source conditions differ most (averaged over a few noise draws) keeps
+every denoising step outside it on the source trajectory, so only the region the condition acts on changes.
 """
 
 from __future__ import annotations
@@ -78,8 +82,9 @@ class CounterfactualOutput:
         change: what the generator changed, ``D(z'_0) - D(z_0)`` (``D(z'_0) - D(z^s_0)`` for ``"paired"``); equals
             ``difference`` for the residual compositions, while for ``"none"`` the difference also holds the
             autoencoder's reconstruction error.
-        latents: ``{"source": z_0, "inverted": z_t, "counterfactual": z'_0}``.
-        settings: what was done (strength, steps, guidance, drift, abduction, composition).
+        latents: ``{"source": z_0, "inverted": z_t, "counterfactual": z'_0}`` (and ``"mask"``, ``(B, 1, *latent)``,
+            when the edit was localised).
+        settings: what was done (strength, steps, guidance, drift, abduction, composition, mask_threshold).
     """
 
     image: torch.Tensor
@@ -405,8 +410,14 @@ class LatentDriftInferer(LatentDiffusionInferer):
         drift: Drift | None = None,
         uncondition: torch.Tensor | None = None,
         verbose: bool = False,
+        blend: tuple[torch.Tensor, list[torch.Tensor]] | None = None,
+        trajectory: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run the reverse process over ``timesteps`` (descending) from ``latents``, with LD δ after every step."""
+        """Run the reverse process over ``timesteps`` (descending) from ``latents``, with LD δ after every step.
+
+        ``blend=(mask, reference)``: after step ``i`` keep ``reference[i]`` where ``mask`` is 0 (a localised edit);
+        ``trajectory``: a list that receives the latent after every step.
+        """
         scheduler = with_drift(scheduler or self.scheduler, self._drift(drift))
         iterator = timesteps
         if verbose:
@@ -414,10 +425,52 @@ class LatentDriftInferer(LatentDiffusionInferer):
 
             iterator = tqdm(timesteps, desc="denoise")
         z = latents
-        for t in iterator:
+        for i, t in enumerate(iterator):
             out = self.predict(diffusion_model, z, t, conditioning, mode, cfg, cfg_fill_value, uncondition)
             z, _ = scheduler.step(out, t, z)
+            if blend is not None:
+                z = blend[0] * z + (1 - blend[0]) * blend[1][i]
+            if trajectory is not None:
+                trajectory.append(z)
         return z
+
+    @torch.no_grad()
+    def edit_mask(
+        self,
+        diffusion_model: Any,
+        latents: torch.Tensor,
+        source_condition: torch.Tensor,
+        target_condition: torch.Tensor,
+        timestep: Any,
+        threshold: float = 0.5,
+        samples: int = 4,
+        mode: str = "crossattn",
+        scheduler: Any | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """DiffEdit's mask: where the condition changes the noise prediction.
+
+        ``latents`` ``(B, C, *spatial)`` are noised to ``timestep`` with ``samples`` noise draws; the channel-mean
+        ``|ε(z, target) - ε(z, source)|``, averaged over the draws and divided by its per-sample maximum, is
+        thresholded at ``threshold`` (in ``(0, 1)``; higher = smaller region). Returns a ``{0, 1}`` mask
+        ``(B, 1, *spatial)``.
+        """
+        if not 0.0 < float(threshold) < 1.0:
+            raise ValueError(f"mask threshold must be in (0, 1) (DiffEdit uses 0.5), got {threshold}")
+        if int(samples) < 1:
+            raise ValueError(f"mask samples must be >= 1, got {samples}")
+        scheduler = scheduler or self.scheduler
+        t = torch.as_tensor(timestep, device=latents.device).reshape(1).long().expand(latents.shape[0])
+        acc = torch.zeros((latents.shape[0], 1, *latents.shape[2:]), device=latents.device)
+        for _ in range(int(samples)):
+            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype,
+                                device="cpu" if generator is None else generator.device).to(latents.device)
+            z = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=t)
+            e_t = self.predict(diffusion_model, z, t[0], target_condition, mode)
+            e_s = self.predict(diffusion_model, z, t[0], source_condition, mode)
+            acc += (e_t - e_s).abs().mean(1, keepdim=True)
+        peak = acc.flatten(1).amax(1).clamp_min(1e-12).reshape(-1, *[1] * (acc.ndim - 1))
+        return (acc / peak > float(threshold)).to(latents.dtype)
 
     # -- counterfactuals ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -439,6 +492,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
         cfg_fill_value: float = -1.0,
         generator: torch.Generator | None = None,
         verbose: bool = False,
+        mask_threshold: float | None = None,
+        mask_samples: int = 4,
     ) -> CounterfactualOutput:
         """What ``inputs`` would look like under ``target_condition`` (abduction -> action -> prediction).
 
@@ -454,6 +509,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
             abduction: ``"inversion"`` (deterministic DDIM) or ``"noising"`` (stochastic, uses ``generator``).
             composition: ``"none"``, ``"residual"`` (``x + D(z'_0) - D(z_0)``) or ``"paired"``
                 (``x + D(z'_0) - D(z^s_0)``, ``z^s_0`` denoised from the same ``z_t`` under the source condition).
+            mask_threshold: localise the edit (DiffEdit, :meth:`edit_mask`): steps outside the mask follow the
+                source trajectory ``z^s``. None (default): no mask. ``mask_samples``: noise draws for the mask.
 
         Returns:
             :class:`CounterfactualOutput` with ``image`` of the same shape and dtype as ``inputs``.
@@ -495,12 +552,27 @@ class LatentDriftInferer(LatentDiffusionInferer):
                 t0 = timesteps[:1].to(z0.device).expand(z0.shape[0])
                 zt = scheduler.add_noise(original_samples=z0, noise=drift_noise(noise, delta) if self.drift_initial_noise else noise, timesteps=t0)
 
+        mask = None
+        if mask_threshold is not None and len(timesteps):
+            mask = self.edit_mask(diffusion_model, z0, source_condition, target_condition, timesteps[0], mask_threshold,
+                                  mask_samples, mode, scheduler, generator)
         rng = _rng_state(zt.device)  # a stochastic scheduler draws the same step noise for the paired run
-        z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
-                            cfg_fill_value, delta, verbose=verbose)
-        decoded = self.decode(z_cf, autoencoder_model)
         baseline = reconstruction
-        if composition == Composition.PAIRED:
+        if mask is not None:  # the source trajectory first: the target run keeps it outside the mask
+            source_path: list[torch.Tensor] = []
+            z_src = self.denoise(zt, diffusion_model, timesteps, source_condition, mode, scheduler, guidance_scale,
+                                 cfg_fill_value, delta, verbose=verbose, trajectory=source_path)
+            if composition == Composition.PAIRED:
+                baseline = self.decode(z_src, autoencoder_model)
+            _rng_state(zt.device, rng)
+            z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
+                                cfg_fill_value, delta, verbose=verbose, blend=(mask, source_path))
+            decoded = self.decode(z_cf, autoencoder_model)
+        else:
+            z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
+                                cfg_fill_value, delta, verbose=verbose)
+            decoded = self.decode(z_cf, autoencoder_model)
+        if mask is None and composition == Composition.PAIRED:
             # the same z_t, guidance, drift and noise under the source condition: what the generator alone would make
             _rng_state(zt.device, rng)
             baseline = self.decode(self.denoise(zt, diffusion_model, timesteps, source_condition, mode, scheduler,
@@ -513,7 +585,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
             reconstruction=reconstruction.to(inputs.dtype),
             difference=(image.float() - work).to(inputs.dtype),
             change=change.to(inputs.dtype),
-            latents={"source": z0, "inverted": zt, "counterfactual": z_cf},
+            latents={"source": z0, "inverted": zt, "counterfactual": z_cf, **({"mask": mask} if mask is not None else {})},
             settings={
                 "strength": float(strength),
                 "steps": int(len(timesteps)),
@@ -524,6 +596,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
                 "abduction": str(abduction),
                 "composition": str(composition),
                 "source": "null" if bool((source_condition == cfg_fill_value).all()) else "given",
+                "mask_threshold": None if mask_threshold is None else float(mask_threshold),
             },
         )
 

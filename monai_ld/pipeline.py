@@ -30,7 +30,7 @@ from .utils import atomic_write
 __all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "build_chain", "parse_attribute_args"]
 
 DEFAULT_SETTINGS = {"drift": 0.0, "strength": 0.6, "guidance": 3.0, "seed": 0, "num_inference_steps": 50,
-                    "composition": "none", "abduction": "inversion"}
+                    "composition": "none", "abduction": "inversion", "mask_threshold": None}
 _SETTING_KEYS = tuple(DEFAULT_SETTINGS)
 
 
@@ -112,6 +112,8 @@ class CounterfactualPipeline:
             plan["guidance"] = None if plan["guidance"] in (None, "none", "None") else float(plan["guidance"])
             plan["seed"] = int(plan["seed"])
             plan["num_inference_steps"] = int(plan["num_inference_steps"])
+            mt = plan.get("mask_threshold")
+            plan["mask_threshold"] = None if mt in (None, "none", "None", "") else float(mt)
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad setting value: {e}") from None
         if not 0.0 <= plan["strength"] <= 1.0:
@@ -120,6 +122,8 @@ class CounterfactualPipeline:
             raise ValueError(f"drift must be in [-1, 1] (typical: -0.2..0.2), got {plan['drift']}")
         if plan["guidance"] is not None and not 0.0 <= plan["guidance"] <= 50.0:
             raise ValueError(f"guidance must be in [0, 50] or none, got {plan['guidance']}")
+        if plan["mask_threshold"] is not None and not 0.0 < plan["mask_threshold"] < 1.0:
+            raise ValueError(f"mask_threshold must be in (0, 1) or none (no mask), got {plan['mask_threshold']}")
         if not 1 <= plan["num_inference_steps"] <= int(self.model.scheduler_config.get("num_train_timesteps", 1000)):
             raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps], got {plan['num_inference_steps']}")
         plan.update(source=src, target=tgt)
@@ -138,6 +142,7 @@ class CounterfactualPipeline:
             image.to(self.device), self.model.autoencoder, self.model.unet, source, target,
             strength=plan["strength"], guidance_scale=plan["guidance"], drift=plan["drift"], mode=self.model.mode,
             composition=plan.get("composition", "none"), abduction=plan.get("abduction", "inversion"),
+            mask_threshold=plan.get("mask_threshold"),
             generator=torch.Generator(device=self.device).manual_seed(plan["seed"]),
         )
 
@@ -168,7 +173,7 @@ class CounterfactualPipeline:
             "target": plan["target"],
             "drift": plan["drift"], "strength": plan["strength"], "guidance": plan["guidance"], "seed": plan["seed"],
             "num_inference_steps": plan["num_inference_steps"], "composition": plan["composition"],
-            "abduction": plan["abduction"], "denoising_steps": out.settings["steps"],
+            "abduction": plan["abduction"], "mask_threshold": plan["mask_threshold"], "denoising_steps": out.settings["steps"],
             "intensity": "model scale [0, 1] after percentile normalisation (not the input's raw intensities)",
             "seconds": round(time.perf_counter() - t0, 2),
         }

@@ -33,7 +33,7 @@ from typing import Any
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from ..pipeline import CounterfactualPipeline
-from .params import RequestError, parse_params, slicer_config
+from .params import SETTING_KEYS, RequestError, parse_params, slicer_config
 
 __all__ = ["CounterfactualInferTask", "MODEL_LOCK"]
 
@@ -118,8 +118,7 @@ class CounterfactualInferTask(InferTask):
             raise RequestError(f"image not found: {image}", status=404)
         image_id = str(request.get("image_id") or image_path.name.split(".")[0])
         run_dir = self._run_dir(image_id, image_path, plan)
-        settings = {k: plan[k] for k in ("drift", "strength", "guidance", "seed", "num_inference_steps",
-                                          "composition", "abduction")}
+        settings = {k: plan[k] for k in SETTING_KEYS}
         waited = time.perf_counter()
         with MODEL_LOCK:
             waited = time.perf_counter() - waited

@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monai_ld.inferers import Abduction, Composition
+from monai_ld.pipeline import DEFAULT_SETTINGS
 
 __all__ = ["RequestError", "CounterfactualRequest", "parse_params", "RESULT_KINDS", "SETTING_KEYS", "slicer_config"]
 
 RESULT_KINDS = ("counterfactual", "difference")
-SETTING_KEYS = ("drift", "strength", "guidance", "seed", "num_inference_steps", "composition", "abduction")
+SETTING_KEYS = tuple(DEFAULT_SETTINGS)  # the pipeline's settings, one list
 _CHOICES = {"composition": tuple(c.value for c in Composition), "abduction": tuple(a.value for a in Abduction)}
 _UNSET = ("", "(keep)", "(unknown)", "keep", "none_given")
 # keys MONAI Label itself (server, Slicer / OHIF clients) puts into an infer request: accepted and ignored
@@ -150,9 +151,9 @@ def slicer_config(encoder: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
         for a in encoder.attributes:
             classes = getattr(a, "classes", None)
             cfg[f"{side}_{a.name}"] = [unset, *classes] if classes else ""
-    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps"):
+    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps", "mask_threshold"):
         value = defaults.get(key)
-        if value is None:  # guidance None = no classifier-free guidance
+        if value is None:  # guidance None = no classifier-free guidance, mask_threshold None = no mask
             cfg[key] = "none"
         else:
             cfg[key] = int(value) if key in ("seed", "num_inference_steps") else float(value)
