@@ -14,7 +14,8 @@ A counterfactual follows abduction -> action -> prediction:
 
 Optionally (``mask_threshold``) the edit is localised as in DiffEdit (Couairon et al., 2022): a latent mask where the
 noise predictions under the target and the source conditions differ most (averaged over a few noise draws) keeps
-every denoising step outside it on the source trajectory, so only the region the condition acts on changes.
+every denoising step outside it on the source trajectory, and the decoded change is kept inside the mask's image-space
+region (:func:`mask_to_image`), so only the region the condition acts on changes.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ __all__ = [
     "InversionOutput",
     "LatentDriftInferer",
     "ddim_inversion_step",
+    "mask_to_image",
     "strength_timesteps",
 ]
 
@@ -104,6 +106,16 @@ def _rng_state(device: torch.device, state: tuple | None = None) -> tuple:
     if cuda:
         torch.cuda.set_rng_state(state[1], device)
     return state
+
+
+def mask_to_image(mask: torch.Tensor, spatial_size: Any) -> torch.Tensor:
+    """A latent edit mask ``(B, 1, *latent)`` as an image-space weight ``(B, 1, *spatial_size)`` in ``[0, 1]``: dilated
+    by one latent voxel (the decoder's local reach), then linearly upsampled (a soft edge one latent voxel wide)."""
+    nd = mask.ndim - 2
+    pool = torch.nn.functional.max_pool2d if nd == 2 else torch.nn.functional.max_pool3d
+    grown = pool(mask.float(), kernel_size=3, stride=1, padding=1)
+    return torch.nn.functional.interpolate(grown, size=tuple(spatial_size), mode="bilinear" if nd == 2 else "trilinear",
+                                           align_corners=False).to(mask.dtype)
 
 
 def strength_timesteps(scheduler: Any, strength: float) -> torch.Tensor:
@@ -578,7 +590,12 @@ class LatentDriftInferer(LatentDiffusionInferer):
             baseline = self.decode(self.denoise(zt, diffusion_model, timesteps, source_condition, mode, scheduler,
                                                 guidance_scale, cfg_fill_value, delta, verbose=verbose), autoencoder_model)
         change = decoded - baseline
-        image = decoded if composition == Composition.NONE else work + change
+        if mask is not None:
+            # the decoder's GroupNorm spreads even a local latent change over the whole image: keep it in the region
+            change = change * mask_to_image(mask, change.shape[2:])
+            image = (baseline if composition == Composition.NONE else work) + change
+        else:
+            image = decoded if composition == Composition.NONE else work + change
         image = image.to(inputs.dtype)
         return CounterfactualOutput(
             image=image,

@@ -7,7 +7,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from monai_ld import ConditionalLDM, LatentDriftInferer
-from monai_ld.inferers import ddim_inversion_step, strength_timesteps
+from monai_ld.inferers import ddim_inversion_step, mask_to_image, strength_timesteps
 from monai_ld.networks import autoencoder_config, scheduler_config, unet_config
 
 
@@ -152,6 +152,9 @@ def test_masked_edit_follows_the_source_trajectory_outside_the_mask(tiny_models,
     assert torch.equal(out.latents["counterfactual"][outside], z_src[outside])
     assert (out.latents["counterfactual"][inside] - z_src[inside]).abs().mean() > 1e-4
     assert torch.allclose(out.change, out.image - x, atol=1e-6)
+    # in image space the input is kept exactly outside the (dilated, upsampled) region
+    region = mask_to_image(mask, x.shape[2:])
+    assert torch.equal(out.image[region == 0], x[region == 0]) and (region == 0).any()
     # a smaller region changes the image less than the free edit
     assert out.change.abs().mean() < free.change.abs().mean()
     # an identity intervention: the mask is empty and the image is the input
