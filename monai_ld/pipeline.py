@@ -273,6 +273,7 @@ def _write_figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> N
     tgt = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec["target"].items())
     src = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (rec["source"] or {}).items()) or "null"
     fig.suptitle(f"source: {src}\ntarget: {tgt}\nδ={rec['drift']:g}, strength={rec['strength']:g}, "
-                 f"guidance={rec['guidance']}, composition={rec['composition']}, seed={rec['seed']}", fontsize=9)
+                 f"guidance={rec['guidance']}, composition={rec['composition']}, seed={rec['seed']}"
+                 + (f", mask={rec['mask_threshold']:g}" if rec.get("mask_threshold") is not None else ""), fontsize=9)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
     plt.close(fig)
