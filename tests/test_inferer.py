@@ -110,12 +110,16 @@ def test_counterfactual_strength_zero_is_reconstruction_and_residual_keeps_input
     assert torch.allclose(res.image, x, atol=1e-6)
 
 
+def _edit_case(tiny_models, spatial_dims):
+    """Tiny networks, a 10-step DDIM inferer, a random image and a (source, target) pair of conditions."""
+    ae, unet, enc = tiny_models(spatial_dims)
+    x = torch.rand((1, 1) + (16,) * spatial_dims, generator=torch.Generator().manual_seed(5))
+    return ae, unet, LatentDriftInferer(ddim(10)), x, enc.context({"age": 50, "sex": "F"}), enc.context({"age": 90, "sex": "M"})
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_paired_composition_isolates_the_change_of_condition(tiny_models, spatial_dims):
-    ae, unet, enc = tiny_models(spatial_dims)
-    inferer = LatentDriftInferer(ddim(10))
-    x = torch.rand((1, 1) + (16,) * spatial_dims, generator=torch.Generator().manual_seed(5))
-    src, tgt = enc.context({"age": 50, "sex": "F"}), enc.context({"age": 90, "sex": "M"})
+    ae, unet, inferer, x, src, tgt = _edit_case(tiny_models, spatial_dims)
     kw = dict(strength=0.6, guidance_scale=3.0, drift=0.05)
     # an identity intervention changes nothing at all, even with guidance and drift (residual does not: guidance
     # and the inversion error move the regenerated latent)
@@ -133,10 +137,7 @@ def test_paired_composition_isolates_the_change_of_condition(tiny_models, spatia
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 def test_masked_edit_follows_the_source_trajectory_outside_the_mask(tiny_models, spatial_dims):
-    ae, unet, enc = tiny_models(spatial_dims)
-    inferer = LatentDriftInferer(ddim(10))
-    x = torch.rand((1, 1) + (16,) * spatial_dims, generator=torch.Generator().manual_seed(5))
-    src, tgt = enc.context({"age": 50, "sex": "F"}), enc.context({"age": 90, "sex": "M"})
+    ae, unet, inferer, x, src, tgt = _edit_case(tiny_models, spatial_dims)
     kw = dict(strength=0.6, guidance_scale=3.0, drift=0.05, composition="paired", generator=torch.Generator().manual_seed(1))
     free = inferer.counterfactual(x, ae, unet, src, tgt, **kw)
     kw["generator"] = torch.Generator().manual_seed(1)
