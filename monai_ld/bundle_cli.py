@@ -129,6 +129,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                                    "seed": args.seed}, args.nproc)
 
 
+def _threshold_or_none(value: str) -> float | str:
+    if value.strip().lower() == "none":
+        return "none"  # explicit: no mask (None would mean "the model's default")
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {value!r}") from None
+
+
 def _edit_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("edit settings (default: the bundle's)")
     g.add_argument("--drift", type=float, help="Latent Drifting δ added after every denoising step (typical -0.2..0.2)")
@@ -138,9 +147,9 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--steps", type=int, help="DDIM inference steps")
     g.add_argument("--composition", choices=[c.value for c in Composition],
                    help="residual: input + (D(z') - D(z)); paired: input + (D(z') - D(z_source)), the same noise regenerated under the source attributes (identity edit = input)")
-    g.add_argument("--mask-threshold", type=float, dest="mask_threshold",
+    g.add_argument("--mask-threshold", type=_threshold_or_none, dest="mask_threshold",
                    help="localise the edit (DiffEdit mask where the condition changes the noise prediction; in (0, 1), "
-                        "higher = smaller region; default: the model's)")
+                        "higher = smaller region; 'none' = no mask; default: the model's)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")
 

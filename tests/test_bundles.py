@@ -60,6 +60,12 @@ def test_demo_and_cxr_counterfactual_cli(tmp_path):
                               "--output-dir", str(tmp_path / "cxr")], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     assert Image.open(tmp_path / "cxr" / "counterfactual.png").size == Image.open(src).size
+    # the CXR bundle localises its edits by default: outside the mask's region the input is kept exactly (an
+    # unmasked edit changes every pixel)
+    rec = json.loads((tmp_path / "cxr" / "record.json").read_text())
+    assert rec["mask_threshold"] == 0.4 and rec["composition"] == "paired"
+    diff = np.asarray(nib.load(tmp_path / "cxr" / "difference.nii.gz").dataobj)
+    assert 0 < np.count_nonzero(diff) < 0.9 * diff.size
     # bad input: one clear error, exit code 2, nothing written
     r = subprocess.run(exe + ["counterfactual", "--bundle", "brain", "--input", str(sample), "--target", "age=120",
                               "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=ENV)
