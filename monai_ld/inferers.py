@@ -568,34 +568,29 @@ class LatentDriftInferer(LatentDiffusionInferer):
         if mask_threshold is not None and len(timesteps):
             mask = self.edit_mask(diffusion_model, z0, source_condition, target_condition, timesteps[0], mask_threshold,
                                   mask_samples, mode, scheduler, generator)
-        rng = _rng_state(zt.device)  # a stochastic scheduler draws the same step noise for the paired run
-        baseline = reconstruction
-        if mask is not None:  # the source trajectory first: the target run keeps it outside the mask
-            source_path: list[torch.Tensor] = []
+        baseline, source_path = reconstruction, None
+        if composition == Composition.PAIRED or mask is not None:
+            # the same z_t, guidance, drift and step noise under the source condition: what the generator alone makes
+            # (the paired baseline) and the trajectory a masked edit keeps outside its mask. Both runs draw the same
+            # noise from the same RNG state, so which goes first changes nothing.
+            rng = _rng_state(zt.device)
+            source_path = [] if mask is not None else None
             z_src = self.denoise(zt, diffusion_model, timesteps, source_condition, mode, scheduler, guidance_scale,
                                  cfg_fill_value, delta, verbose=verbose, trajectory=source_path)
             if composition == Composition.PAIRED:
                 baseline = self.decode(z_src, autoencoder_model)
             _rng_state(zt.device, rng)
-            z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
-                                cfg_fill_value, delta, verbose=verbose, blend=(mask, source_path))
-            decoded = self.decode(z_cf, autoencoder_model)
-        else:
-            z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
-                                cfg_fill_value, delta, verbose=verbose)
-            decoded = self.decode(z_cf, autoencoder_model)
-        if mask is None and composition == Composition.PAIRED:
-            # the same z_t, guidance, drift and noise under the source condition: what the generator alone would make
-            _rng_state(zt.device, rng)
-            baseline = self.decode(self.denoise(zt, diffusion_model, timesteps, source_condition, mode, scheduler,
-                                                guidance_scale, cfg_fill_value, delta, verbose=verbose), autoencoder_model)
+        z_cf = self.denoise(zt, diffusion_model, timesteps, target_condition, mode, scheduler, guidance_scale,
+                            cfg_fill_value, delta, verbose=verbose, blend=None if mask is None else (mask, source_path))
+        decoded = self.decode(z_cf, autoencoder_model)
         change = decoded - baseline
         if mask is not None:
             # the decoder's GroupNorm spreads even a local latent change over the whole image: keep it in the region
             change = change * mask_to_image(mask, change.shape[2:])
-            image = (baseline if composition == Composition.NONE else work) + change
+        if composition == Composition.NONE:
+            image = decoded if mask is None else baseline + change
         else:
-            image = decoded if composition == Composition.NONE else work + change
+            image = work + change
         image = image.to(inputs.dtype)
         return CounterfactualOutput(
             image=image,

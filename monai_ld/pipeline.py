@@ -61,6 +61,11 @@ def parse_attribute_args(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _float_or_none(value: Any) -> float | None:
+    """A setting where ``None`` / ``"none"`` means off (guidance: no CFG; mask_threshold: no mask)."""
+    return None if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")) else float(value)
+
+
 class CounterfactualPipeline:
     """A trained :class:`ConditionalLDM` with its preprocessing and default edit settings.
 
@@ -109,11 +114,10 @@ class CounterfactualPipeline:
         try:
             plan["drift"] = float(plan["drift"])
             plan["strength"] = float(plan["strength"])
-            plan["guidance"] = None if plan["guidance"] in (None, "none", "None") else float(plan["guidance"])
+            plan["guidance"] = _float_or_none(plan["guidance"])
             plan["seed"] = int(plan["seed"])
             plan["num_inference_steps"] = int(plan["num_inference_steps"])
-            mt = plan.get("mask_threshold")
-            plan["mask_threshold"] = None if mt in (None, "none", "None", "") else float(mt)
+            plan["mask_threshold"] = _float_or_none(plan.get("mask_threshold"))
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad setting value: {e}") from None
         if not 0.0 <= plan["strength"] <= 1.0:

@@ -23,6 +23,7 @@ import ignite.distributed as idist
 import torch
 import torch.distributed as dist
 from ignite.engine import Events
+from ignite.handlers import Checkpoint, EMAHandler
 from monai.data import DataLoader, Dataset
 from monai.engines import SupervisedTrainer
 from monai.handlers import CheckpointLoader, CheckpointSaver, StatsHandler, TensorBoardStatsHandler
@@ -134,9 +135,10 @@ def _loss(output: Mapping[str, Any]) -> float:
     return float(output["loss"])
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    """The newest checkpoint that loads. MONAI's ``CheckpointSaver`` writes non-atomically, so a run killed while
-    saving leaves a truncated newest file: skip it and resume from the one before."""
+def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, frozenset[str]] | None:
+    """The newest checkpoint that loads, with the names of the objects it holds. MONAI's ``CheckpointSaver`` writes
+    non-atomically, so a run killed while saving leaves a truncated newest file: skip it and resume from the one
+    before."""
     found = []
     for p in ckpt_dir.glob("checkpoint_*.pt"):
         m = re.search(r"=(\d+)\.pt$", p.name)
@@ -144,8 +146,7 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
             found.append((int(m.group(1)), p))
     for _, p in sorted(found, reverse=True):
         try:
-            torch.load(p, map_location="cpu", weights_only=True)
-            return p
+            return p, frozenset(torch.load(p, map_location="cpu", weights_only=True))
         except Exception as e:  # truncated / corrupt
             logger.warning("skipping unreadable checkpoint %s (%s)", p, type(e).__name__)
     return None
@@ -205,19 +206,16 @@ def _run(
     save_dict = {"network": base, "optimizer": optimizer, "trainer": trainer}
     ema = None
     if ema_decay is not None:
-        from ignite.handlers import EMAHandler
-
         ema = EMAHandler(base, momentum=1.0 - ema_decay)
         ema.attach(trainer, name="ema_momentum", warn_if_exists=False)
         save_dict["ema"] = ema.ema_model
-    start_iteration = 0
-    load_dict, ema_in_checkpoint = save_dict, False
-    if resume and (latest := _latest_checkpoint(ckpt_dir)) is not None:
-        ema_in_checkpoint = ema is not None and "ema" in torch.load(latest, map_location="cpu", weights_only=True)
-        if ema is not None and not ema_in_checkpoint:
-            load_dict = {k: v for k, v in save_dict.items() if k != "ema"}
+    start_iteration, load_dict, ema_from_weights = 0, save_dict, False
+    if resume and (found := _latest_checkpoint(ckpt_dir)) is not None:
+        latest, held = found
+        if ema is not None and "ema" not in held:  # a run started without EMA: average from the resumed weights on
+            load_dict, ema_from_weights = {k: v for k, v in save_dict.items() if k != "ema"}, True
         CheckpointLoader(load_path=str(latest), load_dict=load_dict, map_location=device).attach(trainer)
-        if ema is not None and not ema_in_checkpoint:  # a run started without EMA: average from the resumed weights on
+        if ema_from_weights:  # after the loader's own STARTED handler
             trainer.add_event_handler(Events.STARTED, lambda _: ema.ema_model.load_state_dict(base.state_dict()))
         start_iteration = int(re.search(r"=(\d+)\.pt$", latest.name).group(1))  # type: ignore[union-attr]
         logger.info("%s: resuming from %s (iteration %d)", name, latest, start_iteration)
@@ -235,11 +233,9 @@ def _run(
     if start_iteration < max_iterations:
         trainer.run()
     elif start_iteration:  # nothing left to train: still take the checkpoint's weights
-        from ignite.handlers import Checkpoint
-
         Checkpoint.load_objects(to_load=load_dict, checkpoint=torch.load(latest, map_location=device, weights_only=True))
         trainer.state.iteration = start_iteration
-        if ema is not None and not ema_in_checkpoint:
+        if ema_from_weights:
             ema.ema_model.load_state_dict(base.state_dict())
     seconds = time.perf_counter() - t0
     if ema is not None:
