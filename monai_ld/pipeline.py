@@ -209,7 +209,7 @@ class CounterfactualPipeline:
         save_like_input(result["counterfactual"], targets["counterfactual"], reference=ref, overwrite=overwrite)
         save_like_input(result["difference"], targets["difference"], reference=ref, overwrite=overwrite)
         if is_2d:
-            _write_png(_as_2d(result["counterfactual"]), targets["counterfactual_png"], (0.0, 1.0))
+            _write_png(_as_2d(result["counterfactual"]), targets["counterfactual_png"], (0.0, 1.0), _png_bits(in_path))
             _write_png(_as_2d(result["difference"]), targets["difference_png"], None)
         _write_figure(result, targets["figure"], self.model.spatial_dims)
         record = {**result["record"], "outputs": {k: str(v) for k, v in targets.items()}}
@@ -224,13 +224,26 @@ def _as_2d(t: torch.Tensor) -> np.ndarray:
     return a.T  # MONAI's 2D arrays are (columns, rows): transpose back to image rows
 
 
-def _write_png(a: np.ndarray, path: Path, value_range: tuple[float, float] | None) -> None:
-    """8-bit grayscale for images (``value_range``), RGB diverging colour map for a difference (symmetric range)."""
+def _png_bits(path: Path) -> int:
+    """8 for an 8-bit image file (PNG/JPEG/BMP in L/RGB modes), else 16 (16-bit PNG, DICOM, NIfTI, ...)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return 8 if im.mode in ("1", "L", "LA", "P", "RGB", "RGBA") else 16
+    except (UnidentifiedImageError, OSError):
+        return 16
+
+
+def _write_png(a: np.ndarray, path: Path, value_range: tuple[float, float] | None, bits: int = 8) -> None:
+    """Grayscale at ``bits`` (8 or 16) for images (``value_range``), RGB diverging colour map for a difference
+    (symmetric range)."""
     from PIL import Image
 
     if value_range is not None:
         lo, hi = value_range
-        img = Image.fromarray((np.clip((a - lo) / (hi - lo), 0, 1) * 255).round().astype(np.uint8), mode="L")
+        top, dtype = (65535, np.uint16) if bits == 16 else (255, np.uint8)
+        img = Image.fromarray((np.clip((a - lo) / (hi - lo), 0, 1) * top).round().astype(dtype))
     else:
         import matplotlib
 

@@ -59,7 +59,9 @@ def test_demo_and_cxr_counterfactual_cli(tmp_path):
                               "--source", "pleural_effusion=0", "--source", "pneumonia=0", "--steps", "5",
                               "--output-dir", str(tmp_path / "cxr")], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert Image.open(tmp_path / "cxr" / "counterfactual.png").size == Image.open(src).size
+    written = Image.open(tmp_path / "cxr" / "counterfactual.png")
+    # the sample is a 16-bit radiograph: the counterfactual keeps 16 bits
+    assert written.size == Image.open(src).size and np.asarray(written).dtype == np.uint16
     # the CXR bundle localises its edits by default: outside the mask's region the input is kept exactly (an
     # unmasked edit changes every pixel)
     rec = json.loads((tmp_path / "cxr" / "record.json").read_text())
@@ -70,3 +72,18 @@ def test_demo_and_cxr_counterfactual_cli(tmp_path):
     r = subprocess.run(exe + ["counterfactual", "--bundle", "brain", "--input", str(sample), "--target", "age=120",
                               "--output-dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300, env=ENV)
     assert r.returncode == 2 and "out of range" in r.stderr and not (tmp_path / "bad").exists()
+
+
+def test_png_output_bit_depth_follows_the_input(tmp_path):
+    from monai_ld.pipeline import _png_bits, _write_png
+
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "a8.png")
+    Image.fromarray(np.zeros((4, 4), np.uint16)).save(tmp_path / "a16.png")
+    sample = BUNDLES / "brain_mri_counterfactual" / "sample_data" / "phantom_test_subject.nii.gz"
+    assert (_png_bits(tmp_path / "a8.png"), _png_bits(tmp_path / "a16.png"), _png_bits(sample)) == (8, 16, 16)
+    ramp = np.linspace(0, 1, 12, dtype=np.float32).reshape(3, 4)
+    _write_png(ramp, tmp_path / "o16.png", (0.0, 1.0), 16)
+    _write_png(ramp, tmp_path / "o8.png", (0.0, 1.0), 8)
+    o16, o8 = np.asarray(Image.open(tmp_path / "o16.png")), np.asarray(Image.open(tmp_path / "o8.png"))
+    assert o16.dtype == np.uint16 and o8.dtype == np.uint8
+    assert np.abs(o16 / 65535 - ramp).max() < 1e-4 and np.abs(o8 / 255 - ramp).max() < 3e-3
