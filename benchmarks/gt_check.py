@@ -11,8 +11,10 @@ disjoint from the reported ones (``--skip``).
 
 ``latent_oracle_l1`` is the ceiling the autoencoder allows: ``x + D(E(gt)) - D(E(x))`` (posterior means), the paired
 composition of a perfect diffusion model that lands exactly on the ground truth's latent. When it is not below ``input_l1``, no
-diffusion training can make the counterfactual closer to the ground truth than the input: improve the autoencoder. The bundle's
-phantoms are generated first when absent (``configs/evaluate.json``'s ``phantoms``).
+diffusion training can make the counterfactual closer to the ground truth than the input: improve the autoencoder.
+``--ceilings`` prints only the limits (no edits): the true change blurred by a Gaussian of 0.5-2 voxels (a
+perfectly placed but soft change; L1 punishes blur of a sharp boundary shift), and the latent oracle kept inside the
+true change's support. The bundle's phantoms are generated first when absent (``configs/evaluate.json``'s ``phantoms``).
 """
 
 import argparse
@@ -42,14 +44,27 @@ p.add_argument("--split", default="test", help="manifest split of the pairs")
 p.add_argument("--skip", type=int, default=0,
                help="leave out the split's first SKIP pairs: choose settings on pairs (e.g. --skip 60) disjoint from "
                     "those reported (the default, the first N)")
+p.add_argument("--ceilings", action="store_true",
+               help="print only the ceilings (no edits): the true change blurred by a Gaussian of sigma voxels (how "
+                    "sharp a perfectly placed change must be to beat the input) and the latent oracle kept inside the "
+                    "true change's support (the autoencoder's limit under a perfect mask)")
+p.add_argument("--autoencoder", default=None,
+               help="with --ceilings: an autoencoder file (train_autoencoder.json's output) to measure instead of the "
+                    "model's own, e.g. a candidate before training a diffusion model on it")
 p.add_argument("--checkpoint", default=None)
 p.add_argument("--threads", type=int, default=2)
 a = p.parse_args()
+if a.autoencoder and not a.ceilings:
+    p.error("--autoencoder only applies with --ceilings (edits need the diffusion model's own autoencoder)")
 torch.set_num_threads(a.threads)
 b = Path(a.bundle)
 ph = json.loads((b / "configs" / "evaluate.json").read_text())["phantoms"]
 manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"])
 pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "model.pt")
+if a.autoencoder:
+    from monai_ld.engines.training import load_autoencoder
+
+    pipe.model.autoencoder = load_autoencoder(a.autoencoder)[0].eval()
 pairs = load_counterfactual_pairs(manifest, pipe.model.meta["preprocessing"], pipe.encoder, a.split, a.skip + a.n)[a.skip:]
 x = torch.stack([q["image"] for q in pairs]).float()
 gt = torch.stack([q["ground_truth"] for q in pairs]).float()
@@ -72,6 +87,25 @@ def _paired(r, metric):
     se = float(d.std() / len(d) ** 0.5) if len(d) > 1 else float("nan")
     return {"mean": round(float(d.mean()), 5), "se": round(se, 5)}
 
+
+def _both(r):
+    return {"l1": round(r["counterfactual"]["l1"], 5), "ssim": round(r["counterfactual"]["ssim"], 5)}
+
+
+if a.ceilings:
+    from monai.transforms import GaussianSmooth
+
+    change = gt - x
+    support = torch.nn.functional.max_pool3d if change.ndim == 5 else torch.nn.functional.max_pool2d
+    region = support((change.abs() > 0.01).float(), kernel_size=5, stride=1, padding=2)
+    blurred = {str(s): _both(ground_truth_error(x + torch.stack([GaussianSmooth(s)(c) for c in change]), gt, x))
+               for s in (0.5, 1.0, 1.5, 2.0)}
+    print(json.dumps({"split": a.split, "pairs": [a.skip, a.skip + len(pairs)], "n": len(pairs),
+                      "input": _both({"counterfactual": ground_truth_error(x, gt, x)["input"]}),
+                      "true_change_blurred_sigma_voxels": blurred,
+                      "latent_oracle": _both(ground_truth_error(bound, gt, x)),
+                      "latent_oracle_true_region": _both(ground_truth_error(x + region * (bound - x), gt, x))}))
+    raise SystemExit(0)
 
 for guidance, strength, d, mt in itertools.product(a.guidances, a.strengths, a.drifts, a.mask_thresholds):
     cfs, recs = [], []

@@ -167,10 +167,16 @@ def test_slicer_style_flat_params(server):
     """What 3D Slicer's Options table sends: the model's config back, drop-downs as lists with the choice first."""
     cfg = requests.get(f"{server.url}/info/", timeout=30).json()["models"][MODEL]["config"]
     cfg = dict(cfg, target_age="80", target_sex=["M", "(keep)", "F"], target_diagnosis=["MCI", "(keep)", "CN", "AD"],
-               num_inference_steps=3, client_id="user-xyz")
+               num_inference_steps=3, mask_threshold="0.5", client_id="user-xyz")
     r = server.infer(cfg, output="json")
     assert r.status_code == 200, r.text
-    assert r.json()["target"] == {"age": 80.0, "sex": "M", "diagnosis": "MCI"}
+    res = r.json()
+    assert res["target"] == {"age": 80.0, "sex": "M", "diagnosis": "MCI"}
+    # a localised edit typed into the table: the record says so and voxels outside the mask's region are unchanged
+    assert res["settings"]["mask_threshold"] == pytest.approx(0.5)
+    assert json.loads(Path(res["outputs"]["record"]).read_text())["mask_threshold"] == pytest.approx(0.5)
+    diff = np.asarray(nib.load(res["outputs"]["difference"]).dataobj)
+    assert 0 < np.count_nonzero(diff) < diff.size
 
 
 def test_every_offered_setting_choice_is_accepted():
@@ -196,6 +202,7 @@ def test_every_offered_setting_choice_is_accepted():
     ({"target": {"age": 80, "sex": "X", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "sex"),
     ({"target": {"age": 80}}, "anatomical", MODEL, 422, "missing"),
     ({"target": TARGET, "strength": 2}, "anatomical", MODEL, 422, "strength"),
+    ({"target": TARGET, "mask_threshold": 1.5}, "anatomical", MODEL, 422, "mask_threshold"),
     ({"target": TARGET, "drfit": 0.1}, "anatomical", MODEL, 422, "unknown parameter"),
     ({"target": TARGET, "composition": "blend"}, "anatomical", MODEL, 422, "composition must be one of"),
     ({}, "anatomical", MODEL, 422, "no target"),
