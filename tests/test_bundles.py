@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,3 +88,29 @@ def test_png_output_bit_depth_follows_the_input(tmp_path):
     o16, o8 = np.asarray(Image.open(tmp_path / "o16.png")), np.asarray(Image.open(tmp_path / "o8.png"))
     assert o16.dtype == np.uint16 and o8.dtype == np.uint8
     assert np.abs(o16 / 65535 - ramp).max() < 1e-4 and np.abs(o8 / 255 - ramp).max() < 3e-3
+
+
+def test_cxr_train_configs_run_end_to_end(tmp_path):
+    """The bundle's own train configs, as a user runs them (tiny networks, 2 iterations, 12 phantoms in tmp): the
+    autoencoder, the diffusion model on it (the config's ``unet_config`` override path) and an LD LoRA fine-tune."""
+    from monai_ld.networks.model import ConditionalLDM
+
+    cfg = BUNDLES / "chest_xray_counterfactual" / "configs"
+    common = ["--data_dir", str(tmp_path / "data"), "--phantoms#n", "12", "--phantoms#size", "64", "--model_dir",
+              str(tmp_path / "models"), "--max_iterations", "2", "--batch_size", "2", "--checkpoint_every", "1",
+              "--device", "cpu"]
+    runs = [("train_autoencoder.json", ["--ae_size", "tiny", "--work_dir", str(tmp_path / "runs_ae")]),
+            ("train_diffusion.json", ["--unet_config", "{'spatial_dims': 2, 'in_channels': 3, 'out_channels': 3, "
+                                      "'channels': [8, 16], 'num_res_blocks': 1, 'attention_levels': [False, True], "
+                                      "'norm_num_groups': 8, 'num_head_channels': [0, 16], 'with_conditioning': True, "
+                                      "'cross_attention_dim': 9}", "--work_dir", str(tmp_path / "runs_diff")]),
+            ("finetune.json", ["--scheme", "lora", "--drift", "0.1", "--work_dir", str(tmp_path / "runs_ft")])]
+    for name, extra in runs:
+        r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg / name), *common, *extra],
+                           capture_output=True, text=True, timeout=600, env=ENV)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+    base = ConditionalLDM.load(tmp_path / "models" / "model.pt")
+    tuned = ConditionalLDM.load(tmp_path / "models" / "model_finetuned.pt")
+    assert base.unet_config["channels"] == [8, 16] and base.autoencoder_config["channels"] == [8, 16]
+    assert tuned.meta["defaults"]["mask_threshold"] == 0.4 and tuned.drift == pytest.approx(0.1)
+    assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), tuned.unet.state_dict().values()))
