@@ -92,15 +92,20 @@ def test_png_output_bit_depth_follows_the_input(tmp_path):
 
 def test_cxr_train_configs_run_end_to_end(tmp_path):
     """The bundle's own train configs, as a user runs them (tiny networks, 2 iterations, 12 phantoms in tmp): the
-    autoencoder, the diffusion model on it (the config's ``unet_config`` override path) and an LD LoRA fine-tune."""
+    autoencoder and the diffusion model on it, both sized by whole-network dicts (``autoencoder_config`` /
+    ``unet_config``, unlike any preset: 2 latent channels), then an LD LoRA fine-tune."""
     from monai_ld.networks.model import ConditionalLDM
 
     cfg = BUNDLES / "chest_xray_counterfactual" / "configs"
     common = ["--data_dir", str(tmp_path / "data"), "--phantoms#n", "12", "--phantoms#size", "64", "--model_dir",
               str(tmp_path / "models"), "--max_iterations", "2", "--batch_size", "2", "--checkpoint_every", "1",
               "--device", "cpu"]
-    runs = [("train_autoencoder.json", ["--ae_size", "tiny", "--work_dir", str(tmp_path / "runs_ae")]),
-            ("train_diffusion.json", ["--unet_config", "{'spatial_dims': 2, 'in_channels': 3, 'out_channels': 3, "
+    runs = [("train_autoencoder.json", ["--autoencoder_config", "{'spatial_dims': 2, 'in_channels': 1, 'out_channels': 1, "
+                                        "'latent_channels': 2, 'channels': [8, 16], 'num_res_blocks': 1, "
+                                        "'attention_levels': [False, False], 'norm_num_groups': 8, "
+                                        "'with_encoder_nonlocal_attn': False, 'with_decoder_nonlocal_attn': False}",
+                                        "--work_dir", str(tmp_path / "runs_ae")]),
+            ("train_diffusion.json", ["--unet_config", "{'spatial_dims': 2, 'in_channels': 2, 'out_channels': 2, "
                                       "'channels': [8, 16], 'num_res_blocks': 1, 'attention_levels': [False, True], "
                                       "'norm_num_groups': 8, 'num_head_channels': [0, 16], 'with_conditioning': True, "
                                       "'cross_attention_dim': 9}", "--work_dir", str(tmp_path / "runs_diff")]),
@@ -111,6 +116,7 @@ def test_cxr_train_configs_run_end_to_end(tmp_path):
         assert r.returncode == 0, (name, r.stderr[-3000:])
     base = ConditionalLDM.load(tmp_path / "models" / "model.pt")
     tuned = ConditionalLDM.load(tmp_path / "models" / "model_finetuned.pt")
-    assert base.unet_config["channels"] == [8, 16] and base.autoencoder_config["channels"] == [8, 16]
+    assert base.autoencoder_config["latent_channels"] == 2 and base.unet_config["channels"] == [8, 16]
+    assert base.unet_config["attention_levels"] == [False, True]  # Python literals, not fire's 'false' strings
     assert tuned.meta["defaults"]["mask_threshold"] == 0.4 and tuned.drift == pytest.approx(0.1)
     assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), tuned.unet.state_dict().values()))

@@ -176,7 +176,7 @@ def test_slicer_style_flat_params(server):
     assert res["settings"]["mask_threshold"] == pytest.approx(0.5)
     assert json.loads(Path(res["outputs"]["record"]).read_text())["mask_threshold"] == pytest.approx(0.5)
     diff = np.asarray(nib.load(res["outputs"]["difference"]).dataobj)
-    assert 0 < np.count_nonzero(diff) < diff.size
+    assert 0 < np.count_nonzero(diff) < 0.9 * diff.size  # unmasked, this request changes 100 % of the voxels
 
 
 def test_every_offered_setting_choice_is_accepted():
