@@ -2,11 +2,14 @@
 
 - Reverse (sampling): after every scheduler step ``z_{t-1} = step(ε̂, t, z_t).prev_sample + δ``,
   i.e. ``p(z_{t-1} | z_t) = N(μθ(z_t, t) + δ, Σθ)``. :class:`DriftedScheduler` wraps any MONAI scheduler
-  (DDPM, DDIM, PNDM) so existing sampling loops, MONAI's own included, drift without being rewritten.
+  (DDPM, DDIM, PNDM, RFlow) so existing sampling loops, MONAI's own included, drift without being rewritten.
+  For rectified flow the same rule applies to the Euler step: ``z_next = z_t + v̂·dt + δ``.
 - Forward (training / fine-tuning): the noise is drawn around δ, ``ε' = ε + δ`` and ``z_t = add_noise(z_0, ε', t)``.
   What the network regresses is a choice the method's paper leaves open, so it is an option
   (:class:`DriftTarget`): the noise actually added (``shifted``, default; self-consistent with sampling from
-  ``z_T ~ N(δ, I)``) or the unshifted ``ε`` (the reading of one public re-implementation).
+  ``z_T ~ N(δ, I)``) or the unshifted ``ε`` (the reading of one public re-implementation). For rectified flow
+  the noise endpoint is drawn around δ (``z_t = (1 - t/T)·z_0 + (t/T)·(ε + δ)``) and the velocity target
+  ``z_0 - ε'`` is built from the same choice of noise.
 
 δ is a float (one value for the whole batch) or a tensor of shape ``(B,)`` (one per sample).
 """
@@ -17,6 +20,8 @@ from typing import Any, Union
 
 import torch
 from monai.utils import StrEnum
+
+from .schedulers.rflow import following_timestep, is_rflow
 
 __all__ = [
     "DriftTarget",
@@ -84,7 +89,7 @@ def forward_drift(
     """Noise ``latents`` with drifted noise and return ``(noisy_latents, regression_target)``.
 
     Args:
-        scheduler: a MONAI scheduler (``add_noise``, ``prediction_type``, ``get_velocity``).
+        scheduler: a MONAI scheduler (``add_noise``, ``prediction_type``, ``get_velocity``) or ``RFlowScheduler``.
         latents: clean latents ``z_0``, ``(B, C, *spatial)``.
         noise: standard normal ``ε``, same shape.
         timesteps: ``(B,)`` integer timesteps.
@@ -93,12 +98,15 @@ def forward_drift(
 
     Returns:
         ``z_t = add_noise(z_0, ε + δ, t)`` and the target for the scheduler's prediction type: the noise
-        (``epsilon``), the velocity built from that noise (``v_prediction``) or ``z_0`` (``sample``).
+        (``epsilon``), the velocity built from that noise (``v_prediction``) or ``z_0`` (``sample``); for
+        ``RFlowScheduler`` the flow velocity ``z_0 - ε'`` (MONAI's RFlow training target) with ``ε'`` per ``target``.
     """
     target = DriftTarget(target)
     shifted = drift_noise(noise, drift)
     noisy = scheduler.add_noise(original_samples=latents, noise=shifted, timesteps=timesteps)
     eps = shifted if target == DriftTarget.SHIFTED else noise
+    if is_rflow(scheduler):
+        return noisy, latents - eps
     prediction_type = str(getattr(scheduler, "prediction_type", "epsilon"))
     if prediction_type == "epsilon":
         return noisy, eps
@@ -113,23 +121,29 @@ class DriftedScheduler:
     """Any MONAI scheduler whose ``step`` adds δ to the previous sample; every other attribute is the wrapped one's.
 
     Args:
-        scheduler: a MONAI ``DDPMScheduler``, ``DDIMScheduler`` or ``PNDMScheduler`` (timesteps already set).
+        scheduler: a MONAI ``DDPMScheduler``, ``DDIMScheduler``, ``PNDMScheduler`` or ``RFlowScheduler``
+            (timesteps already set).
         drift: δ, a float or a ``(B,)`` tensor.
 
     ``step(model_output, timestep, sample, ...)`` returns ``(prev_sample + δ, pred_original_sample)`` where the
     wrapped scheduler returns ``(prev_sample, pred_original_sample)``; state (timesteps, PNDM's history) stays in
     the wrapped scheduler, so ``set_timesteps`` may be called on either.
+
+    ``RFlowScheduler.step`` takes ``next_timestep``; when the caller does not give it (a loop written for DDPM-style
+    schedulers, or MONAI's inferer, which passes it only to an ``RFlowScheduler`` instance) the wrapper uses the
+    inference timestep that follows ``timestep`` (0 after the last), exactly what MONAI's inferer passes to a bare
+    ``RFlowScheduler``; so δ = 0 stays bit-identical to stock RFlow sampling.
     """
 
     def __init__(self, scheduler: Any, drift: Drift):
         if isinstance(scheduler, DriftedScheduler):
             raise ValueError("scheduler is already drifted; wrap the original scheduler once")
-        if type(scheduler).__name__ == "RFlowScheduler":
-            raise ValueError("Latent Drifting is defined for DDPM-style schedulers (DDPM, DDIM, PNDM), not RFlowScheduler")
         self.scheduler = scheduler
         self.drift = drift
 
     def step(self, model_output: torch.Tensor, timestep: Any, sample: torch.Tensor, *args: Any, **kwargs: Any):
+        if not args and kwargs.get("next_timestep") is None and is_rflow(self.scheduler):
+            kwargs["next_timestep"] = following_timestep(self.scheduler.timesteps, timestep)
         prev_sample, pred_original = self.scheduler.step(model_output, timestep, sample, *args, **kwargs)
         return apply_step_drift(prev_sample, self.drift), pred_original
 

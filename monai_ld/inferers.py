@@ -30,6 +30,7 @@ from monai.networks.schedulers import DDIMScheduler
 from monai.utils import StrEnum
 
 from .drift import Drift, DriftTarget, apply_step_drift, drift_noise, forward_drift, with_drift
+from .schedulers.rflow import is_rflow, next_timesteps, rflow_inversion_step
 
 __all__ = [
     "Abduction",
@@ -376,7 +377,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
         cfg_fill_value: float = -1.0,
         verbose: bool = False,
     ) -> InversionOutput:
-        """Deterministic DDIM inversion of an image (``inputs`` + ``autoencoder_model``) or of ``latents``.
+        """Deterministic DDIM inversion of an image (``inputs`` + ``autoencoder_model``) or of ``latents``; with an
+        ``RFlowScheduler`` the flow ODE run backwards (:func:`monai_ld.schedulers.rflow_inversion_step`).
 
         Args:
             strength: fraction of the scheduler's inference steps to invert (1 = all the way to noise).
@@ -389,8 +391,9 @@ class LatentDriftInferer(LatentDiffusionInferer):
             to ``clean_latent``.
         """
         scheduler = scheduler or self.scheduler
-        if not isinstance(scheduler, DDIMScheduler):
-            raise ValueError(f"DDIM inversion needs a DDIMScheduler, got {type(scheduler).__name__}; use abduction='noising'")
+        rflow = is_rflow(scheduler)
+        if not isinstance(scheduler, DDIMScheduler) and not rflow:
+            raise ValueError(f"inversion needs a DDIMScheduler or RFlowScheduler, got {type(scheduler).__name__}; use abduction='noising'")
         if latents is None:
             if inputs is None or autoencoder_model is None:
                 raise ValueError("invert needs either latents, or inputs together with autoencoder_model")
@@ -403,9 +406,11 @@ class LatentDriftInferer(LatentDiffusionInferer):
             from tqdm import tqdm
 
             iterator = tqdm(steps, desc="invert")
-        for t in iterator:
+        lower = next_timesteps(timesteps).flip(0)  # RFlow: the level each inversion step starts from
+        for i, t in enumerate(iterator):
             eps = self.predict(diffusion_model, z, t, conditioning, mode, cfg, cfg_fill_value)
-            z = apply_step_drift(ddim_inversion_step(scheduler, eps, int(t), z), drift)
+            z = rflow_inversion_step(scheduler, eps, t, lower[i], z) if rflow else ddim_inversion_step(scheduler, eps, int(t), z)
+            z = apply_step_drift(z, drift)
         return InversionOutput(latent=z, timesteps=timesteps, clean_latent=latents)
 
     @torch.no_grad()
@@ -431,6 +436,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
         ``trajectory``: a list that receives the latent after every step.
         """
         scheduler = with_drift(scheduler or self.scheduler, self._drift(drift))
+        # RFlow's step needs the level it lands on; a partial run (strength < 1) ends at 0 like a full one
+        nexts = next_timesteps(timesteps) if is_rflow(scheduler) else None
         iterator = timesteps
         if verbose:
             from tqdm import tqdm
@@ -439,7 +446,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
         z = latents
         for i, t in enumerate(iterator):
             out = self.predict(diffusion_model, z, t, conditioning, mode, cfg, cfg_fill_value, uncondition)
-            z, _ = scheduler.step(out, t, z)
+            z, _ = scheduler.step(out, t, z) if nexts is None else scheduler.step(out, t, z, nexts[i])
             if blend is not None:
                 z = blend[0] * z + (1 - blend[0]) * blend[1][i]
             if trajectory is not None:

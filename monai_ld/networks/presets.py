@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, RFlowScheduler
 
 __all__ = ["SIZES", "autoencoder_config", "unet_config", "scheduler_config", "build_autoencoder", "build_unet", "build_scheduler"]
 
@@ -66,7 +66,16 @@ def unet_config(spatial_dims: int, latent_channels: int = 3, context_dim: int | 
 def scheduler_config(name: str = "DDIM", num_train_timesteps: int = 1000, num_inference_steps: int = 50,
                      schedule: str = "scaled_linear_beta", beta_start: float = 0.0015, beta_end: float = 0.0205,
                      prediction_type: str = "epsilon") -> dict[str, Any]:
-    """Scheduler settings as MONAI's Brain LDM bundle uses them (scaled-linear betas 0.0015-0.0205)."""
+    """Scheduler settings as MONAI's Brain LDM bundle uses them (scaled-linear betas 0.0015-0.0205).
+
+    ``name="RFlow"`` gives MONAI's rectified flow instead (velocity prediction; no betas): uniform discrete training
+    timesteps, no resolution-dependent timestep transform. Its dict also accepts ``sample_method``, ``loc``,
+    ``scale``, ``use_timestep_transform`` (then ``input_img_size_numel``, ``base_img_size_numel``, ``spatial_dim``),
+    ``transform_scale``, ``steps_offset`` (``RFlowScheduler``'s arguments).
+    """
+    if str(name).upper() == "RFLOW":
+        return {"name": "RFlow", "num_train_timesteps": num_train_timesteps, "num_inference_steps": num_inference_steps,
+                "use_discrete_timesteps": True, "sample_method": "uniform", "use_timestep_transform": False}
     return {"name": name, "num_train_timesteps": num_train_timesteps, "num_inference_steps": num_inference_steps,
             "schedule": schedule, "beta_start": beta_start, "beta_end": beta_end, "prediction_type": prediction_type}
 
@@ -79,12 +88,31 @@ def build_unet(config: dict[str, Any]) -> DiffusionModelUNet:
     return DiffusionModelUNet(**config)
 
 
+def _build_rflow(cfg: dict[str, Any], steps: int) -> RFlowScheduler:
+    # a DDPM-style dict switched to RFlow by its name keeps betas that do not apply; a non-velocity target would
+    # silently train the wrong thing, so that one is refused
+    for key in ("schedule", "beta_start", "beta_end"):
+        cfg.pop(key, None)
+    pred = cfg.pop("prediction_type", "v_prediction")
+    if pred != "v_prediction":
+        raise ValueError(f"RFlow predicts the velocity z_0 - noise: prediction_type must be 'v_prediction' or absent, got {pred!r}")
+    numel = cfg.pop("input_img_size_numel", None)
+    if cfg.get("use_timestep_transform") and numel is None:
+        raise ValueError("RFlow with use_timestep_transform needs input_img_size_numel (latent H*W[*D]) in the scheduler dict")
+    sched = RFlowScheduler(**cfg)
+    sched.set_timesteps(steps, input_img_size_numel=numel)
+    return sched
+
+
 def build_scheduler(config: dict[str, Any], num_inference_steps: int | None = None):
-    """A MONAI scheduler from :func:`scheduler_config`'s dict, timesteps set for inference."""
+    """A MONAI scheduler from :func:`scheduler_config`'s dict (``name``: DDIM, DDPM, PNDM or RFlow), timesteps set for
+    inference."""
     cfg = dict(config)
     name = str(cfg.pop("name", "DDIM")).upper()
     steps = int(num_inference_steps or cfg.pop("num_inference_steps", 50))
     cfg.pop("num_inference_steps", None)
+    if name == "RFLOW":
+        return _build_rflow(cfg, steps)
     common = dict(num_train_timesteps=cfg.pop("num_train_timesteps"), schedule=cfg.pop("schedule"),
                   prediction_type=cfg.pop("prediction_type", "epsilon"), **cfg)
     if name == "DDIM":
@@ -95,6 +123,6 @@ def build_scheduler(config: dict[str, Any], num_inference_steps: int | None = No
         common.pop("prediction_type")
         sched = PNDMScheduler(skip_prk_steps=True, **common)
     else:
-        raise ValueError(f"unknown scheduler {name!r}; accepted: DDIM, DDPM, PNDM")
+        raise ValueError(f"unknown scheduler {name!r}; accepted: DDIM, DDPM, PNDM, RFlow")
     sched.set_timesteps(steps)
     return sched
