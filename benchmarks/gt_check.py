@@ -59,7 +59,8 @@ if a.autoencoder and not a.ceilings:
 torch.set_num_threads(a.threads)
 b = Path(a.bundle)
 ph = json.loads((b / "configs" / "evaluate.json").read_text())["phantoms"]
-manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"])
+manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"],
+                                          ph.get("counterfactual_splits", ["test"]))
 pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "model.pt")
 if a.autoencoder:
     from monai_ld.engines.training import load_autoencoder

@@ -110,8 +110,33 @@ def _bundle_run(bundle: Path, configs: list[str], overrides: dict, nproc: int = 
     return subprocess.call(cmd, env={**os.environ})
 
 
+def _campaign(bundle: Path, args: argparse.Namespace) -> int:
+    cfg = bundle / "configs" / "campaign.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{bundle.name} has no training campaign (configs/campaign.json); bundles with one: "
+                                f"brain_mri_counterfactual")
+    if args.export:
+        from monai.bundle import ConfigParser
+
+        from .campaign import export_model
+
+        parser = ConfigParser()
+        parser.read_config(str(cfg))
+        parser["bundle_root"] = str(bundle)
+        out = export_model(parser.get_parsed_content("campaign_dir"), args.export, parser.get_parsed_content("attributes"),
+                           parser.get_parsed_content("preprocessing"), parser.get_parsed_content("defaults"))
+        print(f"exported the campaign's model to {out}")
+        return 0
+    return _bundle_run(bundle, ["campaign.json"], {"stage": args.stage, "budget_min": args.budget_min, "seed": args.seed,
+                                                   "threads": args.threads, "save_every_min": args.save_every_min})
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     bundle = resolve_bundle(args.bundle)
+    if args.campaign or args.export:
+        return _campaign(bundle, args)
+    if args.budget_min is not None or args.threads is not None or args.save_every_min is not None:
+        raise ValueError("--budget-min, --threads and --save-every-min apply to --campaign runs")
     stages = {"autoencoder": ["train_autoencoder.json"], "diffusion": ["train_diffusion.json"],
               "all": ["train_autoencoder.json", "train_diffusion.json"]}[args.stage]
     for cfg in stages:
@@ -186,6 +211,13 @@ def add_parser(sub) -> None:
     p.add_argument("--drift", type=float, help="train the diffusion model with LD forward drift δ")
     p.add_argument("--seed", type=int)
     p.add_argument("--nproc", type=int, default=1, help="processes under torchrun (DDP; gloo on CPU, NCCL on GPU)")
+    g = p.add_argument_group("campaign (resumable training across sessions; configs/campaign.json)")
+    g.add_argument("--campaign", action="store_true",
+                   help="resume the bundle's campaign from <bundle>/campaign/*.state.pt and train until --budget-min")
+    g.add_argument("--budget-min", type=float, dest="budget_min", help="wall-clock budget in minutes (default: the config's)")
+    g.add_argument("--save-every-min", type=float, dest="save_every_min", help="checkpoint interval in minutes")
+    g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--export", metavar="FILE", help="write the campaign's autoencoder + diffusion model as one checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a bundle's model (full / embedding / lora), with or without LD")

@@ -60,23 +60,38 @@ def device(prefer: str = "auto") -> str:
     return "cpu"
 
 
-def ensure_phantoms(data_dir: str, kind: str, n: int, size: int, seed: int = 0) -> str:
-    """Write the phantom training set into ``data_dir`` unless a manifest is already there; returns the manifest path.
+def ensure_phantoms(data_dir: str, kind: str, n: int, size: int, seed: int = 0,
+                    counterfactual_splits: Sequence[str] = ("test",)) -> str:
+    """Write the phantom training set into ``data_dir`` unless the same set is already there; returns the manifest.
 
-    Seeded, so re-running a bundle's train config regenerates the very same data.
+    Seeded, so re-running a bundle's train config regenerates the very same data. A set written with other settings
+    (``dataset.json``: n, size, seed, the splits with ground-truth pairs) is regenerated in place: ``data_dir`` is a
+    cache of the generator, never user data.
     """
     from .data.phantoms.writer import write_phantom_dataset
 
     manifest = Path(data_dir) / "manifest.csv"
-    if not manifest.is_file():
-        if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes; the others wait for it
-            import time
+    want = {"n_subjects": int(n), "size": int(size), "seed": int(seed), "counterfactual_splits": list(counterfactual_splits)}
+    if manifest.is_file() and _phantom_settings(Path(data_dir), want) == want:
+        return str(manifest)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 writes; the others wait for it
+        import time
 
-            while not manifest.is_file():
-                time.sleep(1)
-        else:
-            write_phantom_dataset(kind, n=int(n), size=int(size), seed=int(seed), out_dir=data_dir)
+        while not (manifest.is_file() and _phantom_settings(Path(data_dir), want) == want):
+            time.sleep(1)
+    else:
+        write_phantom_dataset(kind, n=int(n), size=int(size), seed=int(seed), out_dir=data_dir,
+                              overwrite=manifest.is_file(), counterfactual_splits=tuple(counterfactual_splits))
     return str(manifest)
+
+
+def _phantom_settings(data_dir: Path, want: Mapping[str, Any]) -> dict:
+    try:
+        settings = json.loads((data_dir / "dataset.json").read_text())["settings"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    settings.setdefault("counterfactual_splits", ["test"])  # sets written before the option existed
+    return {k: settings.get(k) for k in want}
 
 
 def load_samples(manifest: str, split: str | Sequence[str] | None, preprocessing: Mapping[str, Any],

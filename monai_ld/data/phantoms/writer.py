@@ -22,7 +22,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -105,15 +105,21 @@ def write_phantom_dataset(
     overwrite: bool = False,
     counterfactuals_per_test: int = 1,
     progress: Callable[[int, int], None] | None = None,
+    counterfactual_splits: Sequence[str] = ("test",),
 ) -> Path:
-    """Render ``n`` subjects of ``kind`` into ``out_dir`` (+ ground-truth counterfactuals for the test split).
+    """Render ``n`` subjects of ``kind`` into ``out_dir`` (+ ground-truth counterfactuals for the test split, or for
+    every split in ``counterfactual_splits``).
 
     Args:
         kind: ``"brain"`` (NIfTI volumes, default size 64) or ``"cxr"`` (16-bit PNG radiographs, default 128).
         n: number of subjects (>= 1).
         seed: fixes identities, attributes, split and counterfactual choices.
         overwrite: replace a non-empty ``out_dir``; without it a non-empty ``out_dir`` is refused.
-        counterfactuals_per_test: counterfactual renders per test subject.
+        counterfactuals_per_test: counterfactual renders per subject of ``counterfactual_splits``.
+        counterfactual_splits: the splits whose subjects also get ground-truth counterfactuals; ``("val", "test")``
+            gives the validation split its own pairs (δ search and model selection on val, every reported number on
+            test). A subject's counterfactual draws come from its own seeded stream, so adding ``"val"`` leaves the
+            test rows unchanged.
 
     Returns:
         the path of ``manifest.csv``.
@@ -127,6 +133,9 @@ def write_phantom_dataset(
         raise ValueError(f"size for {kind} must be in [{lo}, {hi}], got {size}")
     if counterfactuals_per_test < 0:
         raise ValueError("counterfactuals_per_test must be >= 0")
+    cf_splits = tuple(counterfactual_splits)
+    if not set(cf_splits) <= {"train", "val", "test"}:
+        raise ValueError(f"counterfactual_splits must be among train, val, test; got {list(cf_splits)}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
@@ -143,7 +152,7 @@ def write_phantom_dataset(
         rows: list[dict[str, Any]] = []
         split = _split(n, seed)
         t0 = time.perf_counter()
-        total = n + counterfactuals_per_test * split.count("test")
+        total = n + counterfactuals_per_test * sum(split.count(s) for s in cf_splits)
         done = 0
         meas_cols: list[str] = []
         for i in range(n):
@@ -152,7 +161,7 @@ def write_phantom_dataset(
             rng = np.random.default_rng(stable_seed(seed, "attributes", i))
             attrs = phantom.sample_attributes(rng)
             jobs = [(sid, attrs, "")]
-            if split[i] == "test":
+            if split[i] in cf_splits:
                 for k in range(counterfactuals_per_test):
                     jobs.append((f"{sid}_cf{k + 1}", counterfactual_attributes(kind, attrs, rng), sid))
             for image_id, a, cf_of in jobs:
@@ -183,6 +192,7 @@ def write_phantom_dataset(
             "measurements": meas_cols,
             "settings": {"n_subjects": n, "n_images": len(rows), "size": size, "seed": seed,
                          "fov_mm": phantom.fov_mm, "counterfactuals_per_test": counterfactuals_per_test,
+                         "counterfactual_splits": list(cf_splits),
                          "image_format": "NIfTI float32 [0,1], RAS mm affine" if kind == "brain" else "PNG uint16 (value/65535)",
                          "spacing_mm": phantom.fov_mm / size},
             "splits": {s: split.count(s) for s in ("train", "val", "test")},

@@ -1,0 +1,230 @@
+"""A bundle's training campaign: autoencoder, then latent diffusion, each resumable across sessions under a budget.
+
+``monai-ld train --bundle brain --stage all --campaign --budget-min 150`` runs the bundle's ``configs/campaign.json``,
+which calls :func:`run_campaign`. The state lives in ``<bundle>/campaign/{autoencoder,diffusion}.state.pt`` (one file
+per network, overwritten, committed), the curve in ``<bundle>/docs/training_log.csv``. Splits: both networks train on
+``train``; every checkpoint is validated on ``val`` (reconstruction, the latent-oracle ceiling on val's ground-truth
+pairs, the denoising loss), so ``test`` stays untouched until the final report. The shipped ``models/`` weights are
+replaced only by an explicit :func:`export_model` once the campaign's model meets the bundle's bars.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from monai.inferers import DiffusionInferer, SimpleInferer
+from monai.transforms import RandSpatialCropd
+
+from .bundle_support import load_samples
+from .conditioning import AttributeEncoder
+from .engines.campaign import CampaignLog, RandomBatches, RngState, StagePlan, read_state, train_stage
+from .engines.losses import AutoencoderKLLoss
+from .engines.prepare_batch import AutoencoderPrepareBatch, LatentDriftPrepareBatch
+from .engines.training import AUTOENCODER_FORMAT, encode_latents, scale_factor_from_latents
+from .networks.model import ConditionalLDM, atomic_torch_save
+from .networks.presets import build_autoencoder, build_scheduler, build_unet
+
+__all__ = ["run_campaign", "campaign_autoencoder", "export_autoencoder", "export_model", "STAGES"]
+
+STAGES = ("autoencoder", "diffusion", "all")
+logger = logging.getLogger("monai_ld.campaign")
+
+
+def _plan(section: Mapping[str, Any]) -> StagePlan:
+    keys = ("total_iterations", "lr", "batch_size", "warmup", "final_lr_fraction", "ema_decay")
+    return StagePlan(**{k: section[k] for k in keys if k in section})
+
+
+def campaign_autoencoder(campaign_dir: str | Path) -> torch.nn.Module:
+    """The campaign's autoencoder (EMA weights when it keeps them), from its state file, in eval mode."""
+    state = read_state(Path(campaign_dir) / "autoencoder.state.pt")
+    if state is None:
+        raise FileNotFoundError(f"no autoencoder state in {campaign_dir}: run the campaign's autoencoder stage first")
+    ae = build_autoencoder(state["meta"]["config"])
+    ae.load_state_dict(state.get("ema") or state["network"])
+    return ae.eval()
+
+
+@torch.no_grad()
+def _autoencoder_metrics(ae: torch.nn.Module, val_images: torch.Tensor, pairs: Sequence[Mapping[str, Any]]) -> dict:
+    """Val reconstruction L1 and, on val's ground-truth pairs, the ceiling the autoencoder allows: the input's L1 to
+    the truth next to ``x + D(E(gt)) - D(E(x))`` (anywhere, and kept inside the true change grown by 2 voxels, as
+    ``benchmarks/gt_check.py --ceilings`` computes it)."""
+    def auto(x):
+        return torch.cat([ae.decode(ae.encode(x[i : i + 1])[0]) for i in range(x.shape[0])])
+
+    out = {"val_recon_l1": float((auto(val_images) - val_images).abs().mean())}
+    if pairs:
+        x = torch.stack([p["image"] for p in pairs]).float()
+        gt = torch.stack([p["ground_truth"] for p in pairs]).float()
+        oracle = x + auto(gt) - auto(x)
+        grow = torch.nn.functional.max_pool3d if x.ndim == 5 else torch.nn.functional.max_pool2d
+        region = grow(((gt - x).abs() > 0.01).float(), kernel_size=5, stride=1, padding=2)
+        out.update(val_input_l1=float((x - gt).abs().mean()), val_oracle_l1=float((oracle - gt).abs().mean()),
+                   val_oracle_region_l1=float((x + region * (oracle - x) - gt).abs().mean()))
+    return out
+
+
+def _val_pairs(manifest: str, preprocessing: Mapping[str, Any], encoder: AttributeEncoder, n: int) -> list[dict]:
+    from .evaluation.evaluator import load_counterfactual_pairs
+
+    try:
+        return load_counterfactual_pairs(manifest, preprocessing, encoder, "val", n)[:n] if n else []
+    except Exception as e:  # a data set without val pairs still trains; the log says why the ceiling is missing
+        logger.warning("no val ground-truth pairs (%s); the ceiling is not logged", e)
+        return []
+
+
+def _train_autoencoder(ctx: dict, section: Mapping[str, Any], deadline: float) -> dict:
+    plan = _plan(section)
+    samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
+    val = load_samples(ctx["manifest"], "val", ctx["preprocessing"], ctx["attributes"], limit=section.get("val_images", 8))
+    pairs = _val_pairs(ctx["manifest"], ctx["preprocessing"], ctx["encoder"], int(section.get("val_pairs", 8)))
+    val_images = torch.stack([s["image"] for s in val]).float()
+    seed = ctx["seed"]
+    torch.manual_seed(seed)  # initial weights (a resumed run loads them instead)
+    net = build_autoencoder(dict(section["config"]))
+    g = torch.Generator().manual_seed(seed)
+    crop = RandSpatialCropd("image", roi_size=tuple(section["patch_size"]), random_size=False) if section.get("patch_size") else None
+    states = {}
+    if crop is not None:
+        crop.set_random_state(seed)
+        states = {"crop": crop.cropper.R}
+    return train_stage("autoencoder", net, RandomBatches(samples, plan.batch_size, g, crop),
+                       AutoencoderKLLoss(float(section.get("kl_weight", 1e-6)), "l1", 0.0, int(section["config"]["spatial_dims"])),
+                       AutoencoderPrepareBatch(), SimpleInferer(), plan, ctx["dir"] / "autoencoder.state.pt", ctx["log"],
+                       RngState({"batches": g}, states), deadline,
+                       validate=lambda ae: _autoencoder_metrics(ae, val_images, pairs), meta={"config": dict(section["config"])},
+                       **ctx["save"])
+
+
+def _latents(ae: torch.nn.Module, samples: Sequence[Mapping[str, Any]], sf: float) -> list[dict]:
+    z = encode_latents(ae, samples)
+    return [{"image": zi * sf, "condition": s["condition"]} for zi, s in zip(z, samples)]
+
+
+def _denoising_loss(unet: torch.nn.Module, scheduler: Any, val: Sequence[Mapping[str, Any]], seed: int = 1234) -> dict:
+    """Val MSE of the noise prediction at fixed noise and 4 fixed timesteps per latent, under the true condition:
+    comparable across checkpoints (the training loss is not: random timesteps, dropped conditions)."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.stack([v["image"] for v in val])
+    cond = torch.stack([v["condition"] for v in val])
+    losses = []
+    with torch.no_grad():
+        for t in (50, 250, 500, 750):
+            noise = torch.randn(z.shape, generator=g)
+            ts = torch.full((z.shape[0],), t, dtype=torch.long)
+            pred = unet(scheduler.add_noise(z, noise, ts), timesteps=ts, context=cond)
+            losses.append(float(((pred - noise) ** 2).mean()))
+    return {"val_loss": sum(losses) / len(losses), **{f"val_loss_t{t}": v for t, v in zip((50, 250, 500, 750), losses)}}
+
+
+def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> dict:
+    plan = _plan(section)
+    ae = campaign_autoencoder(ctx["dir"])
+    prior = read_state(ctx["dir"] / "diffusion.state.pt")
+    samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
+    val = load_samples(ctx["manifest"], "val", ctx["preprocessing"], ctx["attributes"], limit=section.get("val_images", 16))
+    if prior is not None:
+        sf = float(prior["meta"]["scale_factor"])  # fixed at the stage's start: the model learnt this scale
+    else:
+        sf = scale_factor_from_latents(encode_latents(ae, samples))
+    train_lat, val_lat = _latents(ae, samples, sf), _latents(ae, val, sf)
+    seed = ctx["seed"]
+    torch.manual_seed(seed)
+    ucfg = dict(section["unet"])
+    unet = build_unet(ucfg)
+    scheduler = build_scheduler(dict(section["scheduler"]))
+    g_batches, g_noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+    prepare = LatentDriftPrepareBatch(scheduler, drift=float(section.get("drift", 0.0)),
+                                      drift_target=section.get("drift_target", "shifted"),
+                                      condition_dropout=float(section.get("condition_dropout", 0.15)), generator=g_noise)
+    meta = {"unet": ucfg, "scheduler": dict(section["scheduler"]), "scale_factor": sf,
+            "drift": float(section.get("drift", 0.0)), "drift_target": section.get("drift_target", "shifted")}
+    return train_stage("diffusion", unet, RandomBatches(train_lat, plan.batch_size, g_batches), torch.nn.MSELoss(), prepare,
+                       DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
+                       RngState({"batches": g_batches, "noise": g_noise}), deadline,
+                       validate=lambda net: _denoising_loss(net, scheduler, val_lat), meta=meta, **ctx["save"])
+
+
+def run_campaign(
+    bundle_root: str,
+    manifest: str,
+    preprocessing: Mapping[str, Any],
+    attributes: Sequence[Mapping[str, Any]],
+    autoencoder: Mapping[str, Any],
+    diffusion: Mapping[str, Any],
+    stage: str = "all",
+    budget_min: float = 60.0,
+    save_every_min: float = 10.0,
+    save_every_iterations: int | None = None,
+    threads: int | None = None,
+    seed: int = 0,
+    device: str = "cpu",
+    campaign_dir: str | None = None,
+    log_csv: str | None = None,
+) -> dict:
+    """Run (or resume) the campaign's stages in order until each is complete or ``budget_min`` is spent.
+
+    ``stage="all"`` trains the autoencoder to its plan's end, then the diffusion model; a stage that is complete is
+    skipped. Returns ``{stage: {"iteration", "complete", "seconds"}}``.
+    """
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
+    if budget_min <= 0:
+        raise ValueError(f"budget_min must be > 0, got {budget_min}")
+    deadline = time.monotonic() + 60.0 * float(budget_min)
+    if threads:
+        torch.set_num_threads(int(threads))
+    root = Path(bundle_root)
+    cdir = Path(campaign_dir) if campaign_dir else root / "campaign"
+    cdir.mkdir(parents=True, exist_ok=True)
+    enc = AttributeEncoder(attributes)
+    ctx = {"manifest": manifest, "preprocessing": dict(preprocessing), "attributes": list(attributes), "encoder": enc,
+           "seed": int(seed), "dir": cdir,
+           "log": CampaignLog(log_csv or root / "docs" / "training_log.csv", root / "runs" / "campaign" / "tensorboard"),
+           "save": {"save_every_s": 60.0 * float(save_every_min), "save_every_iterations": save_every_iterations,
+                    "device": device}}
+    done: dict[str, Any] = {}
+    if stage in ("autoencoder", "all"):
+        done["autoencoder"] = {k: v for k, v in _train_autoencoder(ctx, autoencoder, deadline).items() if k != "meta"}
+        if stage == "all" and not done["autoencoder"]["complete"]:
+            return done
+    if stage in ("diffusion", "all"):
+        done["diffusion"] = {k: v for k, v in _train_diffusion(ctx, diffusion, deadline).items() if k != "meta"}
+    logger.info("campaign: %s", done)
+    return done
+
+
+def export_autoencoder(campaign_dir: str | Path, output: str | Path) -> Path:
+    """The campaign's autoencoder as a ``train_autoencoder`` file (for ``gt_check.py --ceilings --autoencoder``)."""
+    state = read_state(Path(campaign_dir) / "autoencoder.state.pt")
+    if state is None:
+        raise FileNotFoundError(f"no autoencoder state in {campaign_dir}")
+    ae = campaign_autoencoder(campaign_dir)
+    record = {"iterations": int(state["trainer"]["iteration"]), "seconds": round(float(state["seconds"]), 1),
+              "plan": state["plan"], "campaign": True}
+    return atomic_torch_save({"format": AUTOENCODER_FORMAT, "config": state["meta"]["config"],
+                              "state_dict": ae.state_dict(), "record": record}, output)
+
+
+def export_model(campaign_dir: str | Path, output: str | Path, attributes: Sequence[Mapping[str, Any]],
+                 preprocessing: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> Path:
+    """The campaign's autoencoder + diffusion UNet (EMA weights when kept) as one :class:`ConditionalLDM` file."""
+    ae_state, d_state = (read_state(Path(campaign_dir) / f"{n}.state.pt") for n in ("autoencoder", "diffusion"))
+    if ae_state is None or d_state is None:
+        raise FileNotFoundError(f"{campaign_dir} lacks a finished autoencoder or any diffusion state")
+    m = d_state["meta"]
+    record = {k: {"iterations": int(s["trainer"]["iteration"]), "seconds": round(float(s["seconds"]), 1), "plan": s["plan"]}
+              for k, s in (("autoencoder", ae_state), ("diffusion", d_state))}
+    model = ConditionalLDM(ae_state["meta"]["config"], m["unet"], list(attributes), scale_factor=m["scale_factor"],
+                           scheduler=m["scheduler"], drift=m["drift"], drift_target=m["drift_target"],
+                           meta={"preprocessing": dict(preprocessing), "defaults": dict(defaults or {}), "campaign": record})
+    model.autoencoder.load_state_dict(campaign_autoencoder(campaign_dir).state_dict())
+    model.unet.load_state_dict(d_state.get("ema") or d_state["network"])
+    return model.save(output)

@@ -1,0 +1,282 @@
+"""Training that survives sessions: one resumable state file per network, a wall-clock budget, a learning-rate
+schedule, EMA, and a committed log of the curve.
+
+A stage (:func:`train_stage`) runs MONAI's ``SupervisedTrainer`` until ``plan.total_iterations`` or the budget's
+deadline, whichever comes first. Every ``save_every_iterations`` iterations or ``save_every_s`` seconds, and once at
+the end, it validates, appends a row to the log and atomically overwrites ``state_path`` with everything a
+continuation needs: weights, optimizer, learning-rate scheduler, EMA weights, trainer iteration, and the random
+state (global torch / numpy / python RNGs and the stage's own generators). So a run killed with ``kill -9`` loses at
+most one interval, and a resumed run continues bit-for-bit as the uninterrupted one would (on CPU): batches are
+drawn when the trainer asks for them (:class:`RandomBatches`), from a generator whose state is in the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Events
+from ignite.handlers import EMAHandler
+from monai.data import list_data_collate
+from monai.engines import SupervisedTrainer
+from monai.handlers import LrScheduleHandler
+
+from ..networks.model import atomic_torch_save
+
+__all__ = ["StagePlan", "RandomBatches", "RngState", "CampaignLog", "train_stage", "read_state", "warmup_cosine"]
+
+logger = logging.getLogger("monai_ld.campaign")
+
+
+@dataclass
+class StagePlan:
+    """How one network is trained across sessions.
+
+    ``total_iterations`` is the length of the learning-rate schedule (linear warmup over ``warmup`` iterations, then a
+    cosine decay to ``lr * final_lr_fraction``); the stage is complete there. ``ema_decay`` (e.g. 0.999) keeps an
+    exponential moving average of the weights, which is what validation sees and what is exported.
+    """
+
+    total_iterations: int
+    lr: float
+    batch_size: int = 4
+    warmup: int = 100
+    final_lr_fraction: float = 0.05
+    ema_decay: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.total_iterations < 1 or self.batch_size < 1 or self.lr <= 0 or self.warmup < 0:
+            raise ValueError(f"a stage plan needs total_iterations >= 1, batch_size >= 1, lr > 0, warmup >= 0; got {self}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+
+
+def warmup_cosine(plan: StagePlan) -> Callable[[int], float]:
+    """The multiplier of ``plan.lr`` after ``it`` completed iterations (for ``torch.optim.lr_scheduler.LambdaLR``)."""
+
+    def factor(it: int) -> float:
+        if it < plan.warmup:
+            return (it + 1) / (plan.warmup + 1)
+        span = max(1, plan.total_iterations - plan.warmup)
+        progress = min(1.0, (it - plan.warmup) / span)
+        return plan.final_lr_fraction + (1 - plan.final_lr_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class RandomBatches:
+    """An endless iterable of batches of ``samples`` drawn with replacement when asked for.
+
+    No iterator state lives outside ``generator`` and ``transform``'s random state, so saving those (see
+    :class:`RngState`) is enough for a resumed run to draw exactly the batches the uninterrupted run would have.
+    ``transform`` (e.g. a ``RandSpatialCropd``) is applied per sample.
+    """
+
+    def __init__(self, samples: Sequence[Mapping[str, Any]], batch_size: int, generator: torch.Generator,
+                 transform: Callable | None = None):
+        if not samples:
+            raise ValueError("no training samples")
+        self.samples, self.batch_size, self.generator, self.transform = list(samples), int(batch_size), generator, transform
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        idx = torch.randint(len(self.samples), (self.batch_size,), generator=self.generator).tolist()
+        items = [dict(self.samples[i]) for i in idx]
+        if self.transform is not None:
+            items = [self.transform(d) for d in items]
+        return list_data_collate(items)
+
+
+class RngState:
+    """``state_dict`` / ``load_state_dict`` over the global torch, numpy and python RNGs, named torch generators
+    and named numpy ``RandomState`` objects (e.g. a MONAI randomizable transform's ``R``), in tensors and plain
+    values only, so the state file loads with ``weights_only=True``."""
+
+    def __init__(self, generators: Mapping[str, torch.Generator] | None = None,
+                 random_states: Mapping[str, np.random.RandomState] | None = None):
+        self.generators = dict(generators or {})
+        self.random_states = dict(random_states or {})
+
+    @staticmethod
+    def _np_get(rs: Any) -> dict:
+        name, keys, pos, has_gauss, cached = rs.get_state() if hasattr(rs, "get_state") else rs
+        return {"name": name, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+                "has_gauss": int(has_gauss), "cached": float(cached)}
+
+    @staticmethod
+    def _np_set(d: Mapping[str, Any]) -> tuple:
+        return (d["name"], d["keys"].numpy().astype(np.uint32), d["pos"], d["has_gauss"], d["cached"])
+
+    def state_dict(self) -> dict:
+        return {"torch": torch.get_rng_state(), "numpy": self._np_get(np.random.get_state()),
+                "python": [list(v) if isinstance(v, tuple) else v for v in random.getstate()],
+                "generators": {k: g.get_state() for k, g in self.generators.items()},
+                "random_states": {k: self._np_get(r) for k, r in self.random_states.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(self._np_set(state["numpy"]))
+        v, internal, gauss = state["python"]
+        random.setstate((v, tuple(internal), gauss))
+        for k, g in self.generators.items():
+            g.set_state(state["generators"][k])
+        for k, r in self.random_states.items():
+            r.set_state(self._np_set(state["random_states"][k]))
+
+
+class CampaignLog:
+    """The curve, one row per saved checkpoint: a CSV meant to be committed (so the next session sees it) and
+    TensorBoard scalars. Columns: ``COLUMNS`` then the validation metrics in the order first seen."""
+
+    COLUMNS = ["utc", "stage", "iteration", "stage_hours", "lr", "train_loss"]
+
+    def __init__(self, csv_path: str | Path, tensorboard_dir: str | Path | None = None):
+        self.csv_path = Path(csv_path)
+        self.tensorboard_dir = tensorboard_dir
+        self._writer = None
+
+    def append(self, stage: str, iteration: int, seconds: float, lr: float, train_loss: float | None,
+               metrics: Mapping[str, float]) -> dict:
+        row = {"utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "stage": stage, "iteration": iteration,
+               "stage_hours": round(seconds / 3600, 4), "lr": f"{lr:.3g}",
+               "train_loss": "" if train_loss is None else f"{train_loss:.6g}",
+               **{k: f"{float(v):.6g}" for k, v in metrics.items()}}
+        rows, cols = [], list(self.COLUMNS)
+        if self.csv_path.is_file():
+            with open(self.csv_path, newline="") as f:
+                reader = csv.DictReader(f)
+                cols = list(reader.fieldnames or cols)
+                rows = list(reader)
+        cols += [k for k in row if k not in cols]
+        self.csv_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=cols, restval="")
+            w.writeheader()
+            w.writerows(rows + [row])
+        tmp.replace(self.csv_path)
+        if self.tensorboard_dir is not None:
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.tensorboard_dir))
+            for k, v in {"lr": lr, **({"train_loss": train_loss} if train_loss is not None else {}), **metrics}.items():
+                self._writer.add_scalar(f"{stage}/{k}", float(v), iteration)
+            self._writer.flush()
+        return row
+
+
+def read_state(path: str | Path) -> dict | None:
+    """A stage's state file (``weights_only=True``), or None when there is none yet."""
+    p = Path(path)
+    return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
+
+
+def train_stage(
+    name: str,
+    network: torch.nn.Module,
+    batches: RandomBatches,
+    loss_function: Callable,
+    prepare_batch: Callable,
+    inferer: Any,
+    plan: StagePlan,
+    state_path: str | Path,
+    log: CampaignLog,
+    rng: RngState,
+    deadline: float,
+    validate: Callable[[torch.nn.Module], Mapping[str, float]] | None = None,
+    save_every_s: float = 600.0,
+    save_every_iterations: int | None = None,
+    meta: Mapping[str, Any] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Train ``network`` from its state file (or from scratch) until the plan is complete or ``deadline``
+    (``time.monotonic()``) nears; returns ``{"iteration", "complete", "seconds", "meta"}``.
+
+    ``validate(net)`` gets the EMA weights when there are any. ``meta`` is stored in the state file the first time
+    (e.g. the network's config, a scale factor) and returned as stored afterwards, so a resumed stage keeps it.
+    """
+    device = torch.device(device)
+    network = network.to(device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=plan.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(plan))
+    trainer = SupervisedTrainer(device=device, max_epochs=plan.total_iterations, epoch_length=1,
+                                train_data_loader=batches, network=network, optimizer=optimizer,
+                                loss_function=loss_function, prepare_batch=prepare_batch, inferer=inferer,
+                                decollate=False)
+    trainer.logger.setLevel(logging.WARNING)  # epoch_length 1: ignite's per-epoch lines would be one per iteration
+    LrScheduleHandler(schedule, print_lr=False, epoch_level=False).attach(trainer)
+    to_save: dict[str, Any] = {"network": network, "optimizer": optimizer, "lr_scheduler": schedule, "trainer": trainer,
+                               "rng": rng}
+    ema = None
+    if plan.ema_decay is not None:
+        ema = EMAHandler(network, momentum=1.0 - plan.ema_decay)
+        ema.attach(trainer, name="ema_momentum", warn_if_exists=False)
+        to_save["ema"] = ema.ema_model
+    state = read_state(state_path)
+    stored = dict(meta or {})
+    seconds = 0.0
+    if state is not None:
+        for k, obj in to_save.items():
+            if k != "trainer":
+                obj.load_state_dict(state[k])
+        stored, seconds = dict(state["meta"]), float(state["seconds"])
+        logger.info("%s: resuming at iteration %d (%.2f h trained)", name, state["trainer"]["iteration"], seconds / 3600)
+    start_iteration = int(state["trainer"]["iteration"]) if state is not None else 0
+    losses: list[float] = []
+    clock = {"t": time.monotonic(), "last_save": time.monotonic(), "longest": 0.0, "seconds": seconds}
+
+    def save(engine) -> None:
+        t_val = time.monotonic()
+        net = ema.ema_model if ema is not None else network
+        was = net.training
+        metrics = dict(validate(net.eval())) if validate is not None else {}
+        net.train(was)
+        it = int(engine.state.iteration)
+        clock["seconds"] += time.monotonic() - clock["t"]
+        states = {k: obj.state_dict() for k, obj in to_save.items() if k != "trainer"}
+        states["trainer"] = {"iteration": it, "epoch_length": 1, "max_epochs": plan.total_iterations}
+        atomic_torch_save({**states, "meta": stored, "seconds": clock["seconds"], "plan": asdict(plan)}, state_path)
+        tail = losses[-50:]
+        log.append(name, it, clock["seconds"], optimizer.param_groups[0]["lr"], sum(tail) / len(tail) if tail else None, metrics)
+        logger.info("%s: iteration %d saved to %s %s", name, it, state_path, metrics)
+        clock["t"] = clock["last_save"] = time.monotonic()
+        clock["longest"] = max(clock["longest"], clock["t"] - t_val)
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _step(engine) -> None:
+        now = time.monotonic()
+        clock["longest"] = max(clock["longest"], now - clock["it_start"])
+        losses.append(float(engine.state.output["loss"]))
+        it = engine.state.iteration
+        due = (save_every_iterations and it % save_every_iterations == 0) or now - clock["last_save"] >= save_every_s
+        # stop with enough time left for one more iteration's worth of slack and a final save
+        out_of_time = now + 2 * clock["longest"] >= deadline
+        if it >= plan.total_iterations or out_of_time:
+            save(engine)
+            engine.terminate()
+        elif due:
+            save(engine)
+        clock["it_start"] = time.monotonic()
+
+    if start_iteration >= plan.total_iterations:
+        return {"iteration": start_iteration, "complete": True, "seconds": seconds, "meta": stored}
+    if time.monotonic() >= deadline:
+        return {"iteration": start_iteration, "complete": False, "seconds": seconds, "meta": stored}
+    trainer.state.iteration = trainer.state.epoch = start_iteration  # ignite resumes from here (epoch_length 1)
+    clock["t"] = clock["last_save"] = clock["it_start"] = time.monotonic()
+    trainer.run()
+    it = int(trainer.state.iteration)
+    return {"iteration": it, "complete": it >= plan.total_iterations, "seconds": clock["seconds"], "meta": stored}
