@@ -43,6 +43,7 @@ from .evaluator import (
 )
 from .oracle import AttributeOracle
 from .report import plot_counterfactual_grid, plot_drift_curve, write_json
+from .volumes import evaluation_volumes, load_pair_labels, volumes_markdown
 
 __all__ = ["fit_oracle", "train_oracle_from_manifest", "run_sweep", "run_evaluation", "load_pipeline", "load_oracle", "parse_drifts"]
 
@@ -482,6 +483,7 @@ def _eval_markdown(report: Mapping) -> str:
     if eff.get("per_attribute"):
         lines += ["", f"Effectiveness per intervened attribute (δ={float(main):g}): "
                   + ", ".join(f"{n}: {v['success_rate']:.2f} (n={v['n']})" for n, v in eff["per_attribute"].items())]
+    lines += volumes_markdown(report.get("volumes"))
     notes = report.get("notes") or {}
     if notes:
         lines += ["", "Notes:", ""] + [f"- `{k}`: {v}" for k, v in notes.items()]
@@ -555,6 +557,7 @@ def run_evaluation(
     # the data first: a bad manifest fails before any δ search
     pairs = load_counterfactual_pairs(manifest, prep, enc, split, max_subjects)
     _log(f"evaluate: {len(pairs)} ground-truth pairs of split {split!r} loaded", progress)
+    vol_labels = load_pair_labels(manifest, pairs, notes)  # None when the manifest has no label maps
     drift_search = None
     if "searched" in wanted:
         if sweep_report and Path(sweep_report).is_file():
@@ -590,6 +593,9 @@ def run_evaluation(
                                    batch_size=batch_size, device=device, progress=progress)
     by_drift = res["by_drift"]
     mkey = str(float(main))
+    if vol_labels:
+        for key, col in res["collected"].items():
+            by_drift[key]["volumes"] = evaluation_volumes(col, vol_labels)
     metrics = dict(by_drift[mkey]["metrics"])
     for k, v in by_drift[mkey]["notes"].items():
         notes.setdefault(k, v)
@@ -603,6 +609,7 @@ def run_evaluation(
         "drifts": values,
         "by_drift": by_drift,
         "drift_search": drift_search,
+        "volumes": by_drift[mkey].get("volumes"),
         "settings": {k: v for k, v in {**pipe.defaults, **edit_settings}.items() if k != "drift"},
         "composition_steps": list(composition_steps),
         "data": {"manifest": str(manifest), "split": split, "n_pairs": len(pairs),
