@@ -9,30 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .bundles import resolve_bundle
 from .inferers import Composition
-
-BUNDLE_NAMES = ("brain_mri_counterfactual", "chest_xray_counterfactual")
-
-
-def bundles_dir() -> Path:
-    """The repository's ``bundles/`` folder (beside the installed ``monai_ld`` package in a clone)."""
-    here = Path(__file__).resolve().parent.parent / "bundles"
-    if here.is_dir():
-        return here
-    raise FileNotFoundError("the bundles/ folder was not found beside the monai_ld package; run from a clone of the "
-                            "repository (pip install -e .) or pass --bundle DIR")
-
-
-def resolve_bundle(value: str) -> Path:
-    """A bundle folder from a path or a bundle name (``brain_mri_counterfactual``, ``brain``, ``cxr``)."""
-    aliases = {"brain": BUNDLE_NAMES[0], "cxr": BUNDLE_NAMES[1], "chest": BUNDLE_NAMES[1]}
-    p = Path(value)
-    if not p.is_dir():
-        p = bundles_dir() / aliases.get(value, value)
-    if not (p / "configs" / "metadata.json").is_file():
-        raise FileNotFoundError(f"{value!r} is not a bundle (no configs/metadata.json); known: {', '.join(BUNDLE_NAMES)} or a path")
-    return p
-
 
 def _sample(bundle: Path) -> dict:
     f = bundle / "sample_data" / "sample.json"

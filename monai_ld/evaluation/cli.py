@@ -19,7 +19,7 @@ CONFIG = "configs/evaluate.json"
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--bundle", required=True, help="bundle folder (holds configs/evaluate.json and models/model.pt)")
+    p.add_argument("--bundle", required=True, help="bundle name (brain, cxr) or folder (holds configs/evaluate.json and models/model.pt)")
     p.add_argument("--manifest", default=None, help="CSV manifest (default: the bundle's phantoms, generated when absent)")
     p.add_argument("--output-dir", required=True, help="where report.json, report.md and the PNGs go")
     p.add_argument("--split", default=None, help="split whose images are edited (evaluate: test; sweep-drift: val)")
@@ -86,9 +86,9 @@ def _ints(text: str, name: str) -> list[int]:
 def _parser(args: argparse.Namespace):
     from monai.bundle import ConfigParser
 
-    bundle = Path(args.bundle)
-    if not bundle.is_dir():
-        raise FileNotFoundError(f"bundle folder '{bundle}' does not exist")
+    from ..bundles import resolve_bundle
+
+    bundle = resolve_bundle(args.bundle)
     cfg = bundle / CONFIG
     if not cfg.is_file():
         raise FileNotFoundError(f"'{cfg}' does not exist: this bundle has no evaluation config")

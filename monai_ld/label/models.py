@@ -17,18 +17,14 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..bundles import BUNDLE_NAMES, bundles_dir
+
 __all__ = ["KNOWN_BUNDLES", "default_bundles_dir", "discover_models", "parse_models_conf", "checkpoint_of"]
 
 logger = logging.getLogger(__name__)
 
-KNOWN_BUNDLES = ("brain_mri_counterfactual", "chest_xray_counterfactual")
-
-
-def default_bundles_dir() -> Path:
-    env = os.environ.get("MONAI_LD_BUNDLES")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "bundles"
+KNOWN_BUNDLES = BUNDLE_NAMES
+default_bundles_dir = bundles_dir  # the one bundle locator's folder
 
 
 def checkpoint_of(path: str | os.PathLike) -> Path:

@@ -1,0 +1,34 @@
+"""One bundle locator for every command: a bundle name, an alias or a folder -> the bundle folder.
+
+Bundles live in the repository's ``bundles/`` beside the installed package (an editable install of a clone), or in
+``$MONAI_LD_BUNDLES``. A bundle folder is one that holds ``configs/metadata.json``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["BUNDLE_NAMES", "ALIASES", "bundles_dir", "resolve_bundle"]
+
+BUNDLE_NAMES = ("brain_mri_counterfactual", "chest_xray_counterfactual")
+ALIASES = {"brain": BUNDLE_NAMES[0], "cxr": BUNDLE_NAMES[1], "chest": BUNDLE_NAMES[1]}
+
+
+def bundles_dir() -> Path:
+    """``$MONAI_LD_BUNDLES``, else the repository's ``bundles/`` folder beside the ``monai_ld`` package."""
+    env = os.environ.get("MONAI_LD_BUNDLES")
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "bundles"
+
+
+def resolve_bundle(value: str | os.PathLike) -> Path:
+    """The bundle folder for a path, a bundle name (``brain_mri_counterfactual``) or an alias (``brain``, ``cxr``,
+    ``chest``); one clear error naming what is accepted otherwise."""
+    p = Path(value).expanduser()
+    if not p.is_dir():
+        p = bundles_dir() / ALIASES.get(str(value), str(value))
+    if not (p / "configs" / "metadata.json").is_file():
+        known = ", ".join([*BUNDLE_NAMES, *ALIASES])
+        raise FileNotFoundError(f"{str(value)!r} is not a bundle (no configs/metadata.json under {p}); accepted: "
+                                f"{known}, or a bundle folder")
+    return p
