@@ -117,3 +117,26 @@ def test_rflow_counterfactual_runs_both_abductions(tiny_models):
                                  generator=torch.Generator().manual_seed(0))
         assert out.image.shape == x.shape and out.settings["steps"] == 4 and torch.isfinite(out.image).all()
         assert not torch.allclose(out.latents["counterfactual"], out.latents["source"])
+
+
+def test_train_diffusion_with_an_rflow_scheduler_dict_and_edit(tmp_path):
+    """What a bundle's train config does with ``"scheduler": {"name": "RFlow", ...}``: LD training, then the saved
+    model's own inferer inverts and edits with rectified flow."""
+    from monai_ld import AttributeEncoder, CategoricalAttribute, ConditionalLDM, ContinuousAttribute
+    from monai_ld.engines import train_autoencoder, train_diffusion
+
+    enc = AttributeEncoder([ContinuousAttribute("age", 40, 95), CategoricalAttribute("sex", ("F", "M"))])
+    g = torch.Generator().manual_seed(0)
+    samples = [{"image": torch.rand(1, 16, 16, generator=g), "condition": enc.encode({"age": 40 + 5 * i, "sex": i % 2}).reshape(1, -1)}
+               for i in range(8)]
+    ae = train_autoencoder(samples, tmp_path / "ae.pt", 2, "tiny", max_iterations=1, batch_size=4, progress=False)
+    out = train_diffusion(samples, ae, tmp_path / "model.pt", enc, size="tiny", max_iterations=2, batch_size=4, drift=0.05,
+                          progress=False, scheduler={**scheduler_config("RFlow", num_inference_steps=6)})
+    model = ConditionalLDM.load(out)
+    assert model.scheduler_config["name"] == "RFlow" and model.meta["diffusion_record"]["drift"] == 0.05
+    inf = model.make_inferer()
+    assert isinstance(inf.scheduler, RFlowScheduler)
+    x = samples[0]["image"][None]
+    cf = inf.counterfactual(x, model.autoencoder, model.unet, enc.context({"age": 40, "sex": "F"}),
+                            enc.context({"age": 90, "sex": "F"}), strength=0.5, guidance_scale=2.0)
+    assert cf.image.shape == x.shape and cf.settings["steps"] == 3
