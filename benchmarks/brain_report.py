@@ -1,0 +1,186 @@
+"""Does the brain model move the anatomy? The measures of issue 13 on held-out ground-truth pairs, in one command.
+
+    python benchmarks/brain_report.py bundles/brain_mri_counterfactual --split val --n 24 --out /tmp/brain_val
+    python benchmarks/brain_report.py bundles/brain_mri_counterfactual --split test --n 24 \
+        --out bundles/brain_mri_counterfactual/docs/ground_truth      # the final report only: test is touched once
+
+Per intervened attribute (diagnosis, age): the Pearson correlation between the predicted change (cf − input) and the
+true change (gt − input) inside the brain (the input's label map > 0, grown by one voxel); the image-based regional
+volume changes (ventricles, hippocampus, amygdala; ``monai_ld.evaluation.volumes``) against the label-map truth;
+the oracle's effectiveness on the counterfactual next to the same oracle on the exact ground truth (ceiling) and on
+the untouched input (floor) — diagnosis: accuracy on the target class; age: the share of pairs whose predicted age
+moves in the intended direction (and the MAE to the target); and L1 / SSIM to the ground truth, in the brain and
+everywhere, next to the input's. Writes ``report.json``, ``report.md`` and ``figure.png`` (input | counterfactual |
+ground truth | predicted Δ | true Δ, planes through the ventricles and hippocampi of one pair per attribute).
+Choose settings and checkpoints on ``val``; report on ``test``.
+"""
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from monai_ld import bundle_support
+from monai_ld.evaluation import AttributeOracle, ground_truth_error
+from monai_ld.evaluation.evaluator import load_counterfactual_pairs
+from monai_ld.evaluation.volumes import STRUCTURES, evaluation_volumes, load_pair_labels
+from monai_ld.pipeline import CounterfactualPipeline
+
+p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+p.add_argument("bundle")
+p.add_argument("--checkpoint", default=None, help="model (default: <bundle>/models/model.pt)")
+p.add_argument("--split", default="val", choices=("val", "test"))
+p.add_argument("--n", type=int, default=24)
+p.add_argument("--steps", type=int, default=25)
+p.add_argument("--guidance", type=float, default=None)
+p.add_argument("--strength", type=float, default=None)
+p.add_argument("--drift", type=float, default=0.0)
+p.add_argument("--mask-threshold", type=float, default=None, dest="mask_threshold")
+p.add_argument("--composition", default=None)
+p.add_argument("--threads", type=int, default=2)
+p.add_argument("--out", required=True, help="output folder (report.json, report.md, figure.png)")
+a = p.parse_args()
+torch.set_num_threads(a.threads)
+b, out = Path(a.bundle), Path(a.out)
+t0 = time.perf_counter()
+ph = json.loads((b / "configs" / "evaluate.json").read_text())["phantoms"]
+manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"],
+                                          ph.get("counterfactual_splits", ["test"]))
+pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "model.pt")
+pairs = load_counterfactual_pairs(manifest, pipe.model.meta["preprocessing"], pipe.encoder, a.split, a.n)[: a.n]
+labels = load_pair_labels(manifest, pairs)
+cfs = []
+for q in pairs:
+    plan = pipe.resolve({k: q["target"][k] for k in q["intervened"]}, q["source"], drift=a.drift, strength=a.strength,
+                        num_inference_steps=a.steps, guidance=a.guidance, composition=a.composition,
+                        mask_threshold=a.mask_threshold)
+    cfs.append(pipe.edit(q["image"][None].float(), plan).image[0].cpu())
+x = torch.stack([q["image"].as_tensor() if hasattr(q["image"], "as_tensor") else q["image"] for q in pairs]).float()
+gt = torch.stack([q["ground_truth"].as_tensor() if hasattr(q["ground_truth"], "as_tensor") else q["ground_truth"]
+                  for q in pairs]).float()
+cf = torch.stack(cfs).float()
+brain = torch.stack([torch.from_numpy(ndi.binary_dilation(info["labels"] > 0))[None] for info in labels])
+attr = [q["intervened"][0] for q in pairs]
+groups = defaultdict(list)
+for i, k in enumerate(attr):
+    groups[k].append(i)
+
+
+def corr(i: int) -> float:
+    m = brain[i, 0]
+    pc, tc = (cf[i, 0] - x[i, 0])[m].double(), (gt[i, 0] - x[i, 0])[m].double()
+    if pc.std() == 0 or tc.std() == 0:
+        return float("nan")
+    return float(torch.corrcoef(torch.stack([pc, tc]))[0, 1])
+
+
+oracle = AttributeOracle.load(b / "models" / "oracle.pt")
+pred = {k: oracle.predict(v) for k, v in (("counterfactual", cf), ("ground_truth", gt), ("input", x))}
+dx_classes = list(pipe.encoder["diagnosis"].classes)
+
+
+def effect(name: str, idx: list[int]) -> dict:
+    """Diagnosis: oracle accuracy on the target class; age: share moving the intended way, and MAE to the target."""
+    res = {}
+    for which, pr in pred.items():
+        if name == "diagnosis":
+            got = pr["diagnosis"][idx].argmax(1) if pr["diagnosis"].ndim == 2 else pr["diagnosis"][idx].long()
+            want = torch.tensor([dx_classes.index(pairs[i]["target"]["diagnosis"]) for i in idx])
+            res[which] = {"effectiveness": float((got == want).double().mean())}
+        else:
+            age = pr["age"].reshape(-1).double()
+            base = pred["input"]["age"].reshape(-1).double()
+            want = torch.tensor([float(pairs[i]["target"]["age"]) - float(pairs[i]["source"]["age"]) for i in idx])
+            moved = age[idx] - base[idx]
+            tgt = torch.tensor([float(pairs[i]["target"]["age"]) for i in idx])
+            res[which] = {"effectiveness": float((torch.sign(moved) == torch.sign(want)).double().mean()),
+                          "mae_to_target": float((age[idx] - tgt).abs().mean())}
+    return res
+
+
+def gt_err(idx: list[int]) -> dict:
+    whole = ground_truth_error(cf[idx], gt[idx], x[idx])
+    inside = ground_truth_error(cf[idx], gt[idx], x[idx], mask=brain[idx].float())
+    return {"cf_l1": whole["counterfactual"]["l1"], "input_l1": whole["input"]["l1"],
+            "cf_ssim": whole["counterfactual"]["ssim"], "input_ssim": whole["input"]["ssim"],
+            "brain_cf_l1": inside["counterfactual"]["l1"], "brain_input_l1": inside["input"]["l1"],
+            "brain_cf_ssim": inside["counterfactual"]["ssim"], "brain_input_ssim": inside["input"]["ssim"],
+            "fraction_closer_than_input": whole["fraction_closer_than_input"]}
+
+
+vols = evaluation_volumes({"input": x, "counterfactual": cf, "ground_truth": gt, "intervened": [q["intervened"] for q in pairs]},
+                          labels)["per_attribute"]
+report = {"bundle": b.name, "checkpoint": str(a.checkpoint or "models/model.pt"), "split": a.split, "n": len(pairs),
+          "settings": {"steps": a.steps, "guidance": a.guidance, "strength": a.strength, "drift": a.drift,
+                       "mask_threshold": a.mask_threshold, "composition": a.composition, "defaults": pipe.defaults},
+          "per_attribute": {}}
+for name, idx in sorted(groups.items()):
+    c = [corr(i) for i in idx]
+    report["per_attribute"][name] = {
+        "n": len(idx), "change_correlation_in_brain": {"mean": float(np.nanmean(c)), "median": float(np.nanmedian(c)),
+                                                         "per_pair": c},
+        "oracle": effect(name, idx), "ground_truth_error": gt_err(idx), "volumes": vols.get(name)}
+report["seconds"] = round(time.perf_counter() - t0, 1)
+out.mkdir(parents=True, exist_ok=True)
+(out / "report.json").write_text(json.dumps(report, indent=2, default=float))
+
+
+def _f(v, d=3):
+    return "–" if v is None or (isinstance(v, float) and not np.isfinite(v)) else f"{v:.{d}f}"
+
+
+lines = [f"# {b.name}: does the model move the anatomy? ({a.split}, {len(pairs)} pairs)", "",
+         f"settings: {json.dumps(report['settings'])}; {report['seconds']} s", "",
+         "| attribute | n | corr(pred Δ, true Δ) in brain | oracle cf / GT (ceiling) / input (floor) | L1 cf / input (brain) | SSIM cf / input (brain) |",
+         "|---|---|---|---|---|---|"]
+for name, r in report["per_attribute"].items():
+    o, e = r["oracle"], r["ground_truth_error"]
+    lines.append(f"| {name} | {r['n']} | {_f(r['change_correlation_in_brain']['mean'])} | "
+                 f"{_f(o['counterfactual']['effectiveness'], 2)} / {_f(o['ground_truth']['effectiveness'], 2)} / "
+                 f"{_f(o['input']['effectiveness'], 2)} | {_f(e['brain_cf_l1'], 5)} / {_f(e['brain_input_l1'], 5)} | "
+                 f"{_f(e['brain_cf_ssim'], 4)} / {_f(e['brain_input_ssim'], 4)} |")
+lines += ["", "Volume change (image-based; sign agreement with the label-map truth, median |pred| / |true|):", "",
+          "| attribute | structure | sign right | magnitude ratio | GT image's own sign / ratio |", "|---|---|---|---|---|"]
+for name, r in report["per_attribute"].items():
+    for s, v in ((r["volumes"] or {}).get("structures") or {}).items():
+        lab, me = v["vs_label_map"], v["measure_error"]
+        lines.append(f"| {name} | {s} | {_f(lab.get('sign_agreement'), 2)} | {_f(lab.get('median_magnitude_ratio'), 2)} | "
+                     f"{_f(me.get('sign_agreement'), 2)} / {_f(me.get('median_magnitude_ratio'), 2)} |")
+(out / "report.md").write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+
+# the figure: one pair per attribute, planes through the ventricles (axial) and the hippocampi (coronal, sagittal)
+import matplotlib  # noqa: E402
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+rows = []
+for name, idx in sorted(groups.items()):
+    i = idx[0]
+    lab = labels[i]["labels"]
+    cv = [int(round(v)) for v in ndi.center_of_mass(np.isin(lab, STRUCTURES["ventricles"]))]
+    ch = [int(round(v)) for v in ndi.center_of_mass(np.isin(lab, STRUCTURES["hippocampus"][:1]))]
+    planes = {"axial (ventricles)": lambda v: v[:, :, cv[2]], "coronal (hippocampi)": lambda v: v[:, ch[1], :],
+              "sagittal (left hippocampus)": lambda v: v[ch[0], :, :]}
+    for pname, cut in planes.items():
+        rows.append((f"{name} {pairs[i]['source'][name]}→{pairs[i]['target'][name]}\n{pname}",
+                     [np.rot90(cut(v[i, 0].numpy())) for v in (x, cf, gt, cf - x, gt - x)]))
+fig, axes = plt.subplots(len(rows), 5, figsize=(13, 2.7 * len(rows)), squeeze=False, layout="constrained")
+for r, (title, panels) in enumerate(rows):
+    m = max(float(np.abs(panels[3]).max()), float(np.abs(panels[4]).max())) or 1.0
+    for c, img in enumerate(panels):
+        kw = {"cmap": "gray", "vmin": 0, "vmax": 1} if c < 3 else {"cmap": "RdBu_r", "vmin": -m, "vmax": m}
+        axes[r, c].imshow(img, **kw)
+        axes[r, c].set_xticks([]), axes[r, c].set_yticks([])
+    axes[r, 0].set_ylabel(title, fontsize=8)
+for c, t in enumerate(["input", "counterfactual", "exact ground truth", "predicted Δ (cf − input)", "true Δ (gt − input)"]):
+    axes[0, c].set_title(t, fontsize=9)
+fig.suptitle(f"{b.name} ({a.split} pairs; Δ panels share one symmetric colour range per row)", fontsize=10)
+fig.savefig(out / "figure.png", dpi=80)
+print(f"wrote {out}/report.json, report.md, figure.png")
