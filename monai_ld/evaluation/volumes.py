@@ -67,9 +67,20 @@ def structure_regions(labels: np.ndarray, spacing: float | Sequence[float] = 1.0
         return {}
     dist = np.stack([ndi.distance_transform_edt(~np.isin(lab, structures[n]), sampling=sp) for n in names])
     nearest = dist.argmin(0)
-    brain = lab > 0
+    brain = _brain(lab, structures)
     return {n: (dist[i] <= (ventricle_margin_mm if n == "ventricles" else mtl_margin_mm)) & (nearest == i) & brain
             for i, n in enumerate(names)}
+
+
+def _brain(labels: np.ndarray, structures: Mapping[str, Sequence[int]], image: np.ndarray | None = None) -> np.ndarray:
+    """``labels > 0``; a segmentation of the structures alone does not say where the brain is: then the image's
+    foreground (> 10 % of its 99th percentile), or everywhere."""
+    ids = [i for v in structures.values() for i in v]
+    if np.isin(labels[labels > 0], ids, invert=True).any():
+        return labels > 0
+    if image is None:
+        return np.ones(labels.shape, bool)
+    return image > 0.1 * np.percentile(image, 99)
 
 
 def _median(x: np.ndarray, mask: np.ndarray, fallback: float) -> float:
@@ -88,7 +99,7 @@ def intensity_levels(image: Any, labels: np.ndarray, spacing: float | Sequence[f
     """
     x, lab = _np(image), np.asarray(labels)
     sp = _spacing(spacing)
-    brain = lab > 0
+    brain = _brain(lab, structures, x)
     if brain.sum() < 10:
         raise ValueError("the label map marks fewer than 10 brain voxels")
     lo, hi = np.percentile(x[brain], [10, 85])
