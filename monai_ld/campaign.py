@@ -20,7 +20,7 @@ import torch
 from monai.inferers import DiffusionInferer, SimpleInferer
 from monai.transforms import RandSpatialCropd
 
-from .bundle_support import load_samples
+from .bundle_support import ensure_phantoms, load_samples
 from .conditioning import AttributeEncoder
 from .engines.campaign import CampaignLog, RandomBatches, RngState, StagePlan, read_state, train_stage
 from .engines.losses import AutoencoderKLLoss
@@ -129,6 +129,11 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     ae = campaign_autoencoder(ctx["dir"])
     prior = read_state(ctx["dir"] / "diffusion.state.pt")
     samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
+    extra = section.get("train_extra")
+    if extra:  # more training subjects: other identities (another seed), every row of that set is training data
+        m = ensure_phantoms(str(extra["data_dir"]), extra.get("kind", "brain"), int(extra["n"]), int(extra["size"]),
+                            int(extra["seed"]), ())
+        samples += load_samples(m, None, ctx["preprocessing"], ctx["attributes"])
     val = load_samples(ctx["manifest"], "val", ctx["preprocessing"], ctx["attributes"], limit=section.get("val_images", 16))
     if prior is not None:
         sf = float(prior["meta"]["scale_factor"])  # fixed at the stage's start: the model learnt this scale
@@ -144,7 +149,7 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     prepare = LatentDriftPrepareBatch(scheduler, drift=float(section.get("drift", 0.0)),
                                       drift_target=section.get("drift_target", "shifted"),
                                       condition_dropout=float(section.get("condition_dropout", 0.15)), generator=g_noise)
-    meta = {"unet": ucfg, "scheduler": dict(section["scheduler"]), "scale_factor": sf,
+    meta = {"train_samples": len(samples), "unet": ucfg, "scheduler": dict(section["scheduler"]), "scale_factor": sf,
             "drift": float(section.get("drift", 0.0)), "drift_target": section.get("drift_target", "shifted")}
     return train_stage("diffusion", unet, RandomBatches(train_lat, plan.batch_size, g_batches), torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],

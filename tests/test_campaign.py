@@ -31,7 +31,7 @@ TINY = [
     "'num_res_blocks': 1, 'attention_levels': [False, True], 'norm_num_groups': 8, 'num_head_channels': [0, 16], "
     "'with_conditioning': True, 'cross_attention_dim': 6}",
     "--diffusion#total_iterations", "4", "--diffusion#batch_size", "2", "--diffusion#warmup", "1",
-    "--save_every_iterations", "2", "--threads", "1",
+    "--diffusion#train_extra#n", "3", "--save_every_iterations", "2", "--threads", "1",
 ]
 
 
@@ -74,6 +74,7 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
                 assert len(flat_a) == len(flat_b) > 0
                 assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), f"{name} {key} differs after resume"
     assert "ema" in _state(a, "diffusion") and _state(a, "diffusion")["meta"]["scale_factor"] > 0
+    assert _state(a, "diffusion")["meta"]["train_samples"] == 6 + 3  # the train split + every subject of the extra set
     rows = list(csv.DictReader(open(a / "docs" / "training_log.csv")))
     assert [(r["stage"], r["iteration"]) for r in rows] == [("autoencoder", "2"), ("autoencoder", "4"),
                                                            ("autoencoder", "6"), ("diffusion", "2"), ("diffusion", "4")]
