@@ -109,6 +109,16 @@ def _rng_state(device: torch.device, state: tuple | None = None) -> tuple:
     return state
 
 
+def _randn(shape: Any, generator: torch.Generator | list[torch.Generator] | None, dtype: torch.dtype,
+           device: Any) -> torch.Tensor:
+    """Standard normal noise of ``shape``; a list of generators (one per batch item) makes item ``i`` draw what a
+    batch of one with ``generator[i]`` draws (N samples from seeds s, s+1, ... run as one batch)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.cat([_randn((1, *shape[1:]), g, dtype, device) for g in generator])
+    return torch.randn(shape, generator=generator, dtype=dtype,
+                       device="cpu" if generator is None else generator.device).to(device)
+
+
 def mask_to_image(mask: torch.Tensor, spatial_size: Any) -> torch.Tensor:
     """A latent edit mask ``(B, 1, *latent)`` as an image-space weight ``(B, 1, *spatial_size)`` in ``[0, 1]``: dilated
     by one latent voxel (the decoder's local reach), then linearly upsampled (a soft edge one latent voxel wide)."""
@@ -393,7 +403,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
         scheduler = scheduler or self.scheduler
         rflow = is_rflow(scheduler)
         if not isinstance(scheduler, DDIMScheduler) and not rflow:
-            raise ValueError(f"inversion needs a DDIMScheduler or RFlowScheduler, got {type(scheduler).__name__}; use abduction='noising'")
+            raise ValueError(f"DDIM inversion needs a DDIMScheduler (flow inversion an RFlowScheduler), got {type(scheduler).__name__}; use abduction='noising'")
         if latents is None:
             if inputs is None or autoencoder_model is None:
                 raise ValueError("invert needs either latents, or inputs together with autoencoder_model")
@@ -482,8 +492,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
         t = torch.as_tensor(timestep, device=latents.device).reshape(1).long().expand(latents.shape[0])
         acc = torch.zeros((latents.shape[0], 1, *latents.shape[2:]), device=latents.device)
         for _ in range(int(samples)):
-            noise = torch.randn(latents.shape, generator=generator, dtype=latents.dtype,
-                                device="cpu" if generator is None else generator.device).to(latents.device)
+            noise = _randn(latents.shape, generator, latents.dtype, latents.device)
             z = scheduler.add_noise(original_samples=latents, noise=noise, timesteps=t)
             e_t = self.predict(diffusion_model, z, t[0], target_condition, mode)
             e_s = self.predict(diffusion_model, z, t[0], source_condition, mode)
@@ -525,7 +534,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
             guidance_scale: classifier-free guidance ``w`` while generating under the target (None = no CFG).
             drift: LD δ while generating (None = the constructor's δ).
             inversion_drift: δ added during inversion (see :meth:`invert`).
-            abduction: ``"inversion"`` (deterministic DDIM) or ``"noising"`` (stochastic, uses ``generator``).
+            abduction: ``"inversion"`` (deterministic DDIM) or ``"noising"`` (stochastic, uses ``generator``; a list
+                of generators, one per batch item, gives each item its own seed).
             composition: ``"none"``, ``"residual"`` (``x + D(z'_0) - D(z_0)``) or ``"paired"``
                 (``x + D(z'_0) - D(z^s_0)``, ``z^s_0`` denoised from the same ``z_t`` under the source condition).
             mask_threshold: localise the edit (DiffEdit, :meth:`edit_mask`): steps outside the mask follow the
@@ -567,7 +577,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
             if len(timesteps) == 0:
                 zt = z0
             else:
-                noise = torch.randn(z0.shape, generator=generator, dtype=z0.dtype, device="cpu" if generator is None else generator.device).to(z0.device)
+                noise = _randn(z0.shape, generator, z0.dtype, z0.device)
                 t0 = timesteps[:1].to(z0.device).expand(z0.shape[0])
                 zt = scheduler.add_noise(original_samples=z0, noise=drift_noise(noise, delta) if self.drift_initial_noise else noise, timesteps=t0)
 
