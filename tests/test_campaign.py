@@ -158,3 +158,21 @@ def test_campaign_cli_errors(capsys):
     assert "no training campaign" in capsys.readouterr().err
     assert cli_main(["train", "--bundle", "brain", "--budget-min", "5"]) == 2
     assert "--campaign" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_campaign_config_at_its_real_sizes(tmp_path):
+    """The shipped campaign config's own networks and grid (64³, 2× autoencoder, 32³ latents), two iterations per
+    stage on a few subjects: catches a config that cannot run (shapes, attention, memory) before a long campaign."""
+    b = _bundle(tmp_path)
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs" / "campaign.json"),
+           "--meta_file", str(b / "configs" / "metadata.json"), "--phantoms#n", "8", "--diffusion#train_extra#n", "2",
+           "--autoencoder#total_iterations", "2", "--autoencoder#warmup", "1", "--autoencoder#val_images", "2",
+           "--autoencoder#val_pairs", "1", "--diffusion#total_iterations", "2", "--diffusion#warmup", "1",
+           "--diffusion#val_images", "2", "--save_every_iterations", "2"]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
+    d = _state(b, "diffusion")
+    assert d["trainer"]["iteration"] == 2 and d["meta"]["train_samples"] == 6 + 2
+    assert d["meta"]["unet"]["in_channels"] == 4  # the 2× autoencoder's 4 latent channels
+    rows = list(csv.DictReader(open(b / "docs" / "training_log.csv")))
+    assert [r["stage"] for r in rows] == ["autoencoder", "diffusion"]

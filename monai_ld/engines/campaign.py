@@ -259,7 +259,7 @@ def train_stage(
     def _step(engine) -> None:
         now = time.monotonic()
         clock["longest"] = max(clock["longest"], now - clock["it_start"])
-        losses.append(float(engine.state.output["loss"]))
+        losses.append(float(engine.state.output["loss"].detach()))
         it = engine.state.iteration
         due = (save_every_iterations and it % save_every_iterations == 0) or now - clock["last_save"] >= save_every_s
         # stop with enough time left for one more iteration's worth of slack and a final save
