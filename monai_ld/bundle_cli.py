@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 from .bundles import resolve_bundle
-from .inferers import Composition
+from .composition import OUTPUT_SPACES
+from .inferers import Abduction, Composition
 
 def _sample(bundle: Path) -> dict:
     f = bundle / "sample_data" / "sample.json"
@@ -30,7 +31,8 @@ def _checkpoint(bundle: Path, name: str = "model.pt") -> Path:
 
 def _settings(args: argparse.Namespace) -> dict:
     return {"drift": args.drift, "strength": args.strength, "guidance": args.guidance, "seed": args.seed,
-            "num_inference_steps": args.steps, "composition": args.composition, "mask_threshold": args.mask_threshold}
+            "num_inference_steps": args.steps, "composition": args.composition, "mask_threshold": args.mask_threshold,
+            "abduction": args.abduction, "output_space": args.output_space, "samples": args.samples}
 
 
 def _print_outputs(outputs: dict, record_path: str) -> None:
@@ -39,7 +41,12 @@ def _print_outputs(outputs: dict, record_path: str) -> None:
     print(f"  source: {rec['source'] or 'null (unconditional abduction)'}")
     print(f"  target: {rec['target']}")
     print(f"  drift={rec['drift']} strength={rec['strength']} guidance={rec['guidance']} seed={rec['seed']} "
-          f"steps={rec['num_inference_steps']} ({rec['seconds']} s)")
+          f"steps={rec['num_inference_steps']} samples={rec.get('samples', 1)} ({rec['seconds']} s)")
+    if rec.get("output_space") == "native":
+        reg = rec["region"]
+        where = "everywhere in the model's field of view" if reg["region_voxels"] is None else \
+            f"inside the edit region ({reg['region_voxels']} voxels, {100 * reg['region_fraction']:.2f} %)"
+        print(f"  native output space: input + change {where}; {rec['changed_voxels']} voxels differ from the input")
     for k, v in outputs.items():
         print(f"  {k:<20} {v}")
 
@@ -51,7 +58,8 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     target, source = parse_attribute_args(args.target), parse_attribute_args(args.source)
     pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
     outputs = pipe.run_to_dir(args.input, args.output_dir, target=target, source=source or None,
-                              overwrite=args.overwrite, **{k: v for k, v in _settings(args).items() if v is not None})
+                              overwrite=args.overwrite, edit_mask=args.edit_mask, keep_mask=args.keep_mask,
+                              **{k: v for k, v in _settings(args).items() if v is not None})
     _print_outputs(outputs, outputs["record"])
     return 0
 
@@ -153,6 +161,15 @@ def _edit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-threshold", type=_threshold_or_none, dest="mask_threshold",
                    help="localise the edit (DiffEdit mask where the condition changes the noise prediction; in (0, 1), "
                         "higher = smaller region; 'none' = no mask; default: the model's)")
+    g.add_argument("--abduction", choices=[a.value for a in Abduction],
+                   help="inversion: deterministic DDIM inversion (default); noising: stochastic (default with --samples > 1)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-space", choices=OUTPUT_SPACES, dest="output_space",
+                   help="native (default): input + the model's change on the input's own grid, units and dtype, every "
+                        "voxel outside the edit region the input's own; model: the whole model output resampled to the "
+                        "input's geometry (model intensity scale, the model grid's resolution)")
+    g.add_argument("--samples", type=int, help="N counterfactuals from seeds seed..seed+N-1 in one batch: the mean is "
+                   "the counterfactual, the per-voxel standard deviation is written as uncertainty.nii.gz")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")
 
@@ -168,7 +185,9 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("counterfactual", help="counterfactual of an image file under target attributes",
                        description="Writes counterfactual.nii.gz (and .png for 2D), difference.nii.gz (and .png), "
-                                   "figure.png and record.json into --output-dir, in the input's geometry.",
+                                   "figure.png and record.json (uncertainty.nii.gz with --samples) into --output-dir, "
+                                   "in the input's geometry; by default in its own resolution, units and dtype, "
+                                   "unchanged outside the edit region.",
                        epilog="example: monai-ld counterfactual --bundle brain --input scan.nii.gz --source age=62 "
                               "--source sex=F --source diagnosis=CN --target age=85 --target diagnosis=AD --drift 0.05 "
                               "--output-dir out/")
@@ -179,6 +198,10 @@ def add_parser(sub) -> None:
     p.add_argument("--source", action="append", metavar="NAME=VALUE",
                    help="the input's own attributes (repeat); without it the abduction runs under the null condition")
     p.add_argument("--output-dir", required=True)
+    p.add_argument("--edit-mask", dest="edit_mask", metavar="FILE",
+                   help="label image on the input's grid (NIfTI / NRRD / PNG, nonzero = in): change only here")
+    p.add_argument("--keep-mask", dest="keep_mask", metavar="FILE",
+                   help="label image on the input's grid (nonzero = in): never change here")
     _edit_options(p)
     p.set_defaults(func=cmd_counterfactual)
 

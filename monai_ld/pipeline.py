@@ -1,14 +1,25 @@
-"""File in, counterfactual out: preprocessing -> LatentDriftInferer.counterfactual -> back to the input's geometry.
+"""File in, counterfactual out: preprocessing -> LatentDriftInferer.counterfactual -> back to the input's space.
 
 ``CounterfactualPipeline.from_checkpoint(path)`` is all a bundle, the CLI or the MONAI Label app needs: the
 checkpoint's ``meta`` names the preprocessing chain and the default edit settings.
 
-Outputs of :meth:`CounterfactualPipeline.run_to_dir` (never overwriting the input; each file written atomically, and
+Two output spaces (setting ``output_space``):
+
+- ``"native"`` (default): counterfactual = input + Δ on the input's own grid, in its units and dtype, where Δ is the
+  model's change taken back through the inverse preprocessing and restricted to the edit region (automatic DiffEdit
+  mask, user ``edit_mask`` / ``keep_mask``); voxels outside it are the input's own (:mod:`monai_ld.composition`);
+- ``"model"``: the model's whole output resampled to the input's geometry (model intensity scale ``[0, 1]``).
+
+``samples`` > 1 edits N copies in one batch (seeds ``seed, seed+1, ...``): the mean is the counterfactual and the
+per-voxel standard deviation the uncertainty.
+
+Outputs of :meth:`CounterfactualPipeline.run_to_dir` (never overwriting an input; each file written atomically, and
 nothing written until everything has been computed):
 
-- 3D inputs: ``counterfactual.nii.gz`` and ``difference.nii.gz`` in the input's affine and shape;
+- 3D inputs: ``counterfactual.nii.gz`` and ``difference.nii.gz`` in the input's affine and shape (native: its dtype);
 - 2D inputs (PNG/JPEG/DICOM radiographs): ``counterfactual.png`` and ``difference.png`` (plus ``.nii.gz`` copies);
-- ``figure.png`` (input / counterfactual / difference) and ``record.json`` (what was done).
+- ``uncertainty.nii.gz`` with ``samples`` > 1;
+- ``figure.png`` (input / counterfactual / difference [/ uncertainty]) and ``record.json`` (what was done).
 """
 
 from __future__ import annotations
@@ -23,15 +34,21 @@ from typing import Any
 import numpy as np
 import torch
 
+from .composition import OUTPUT_SPACES, STORED_DTYPE_KEY, _on_grid, compose_in_input_space, load_mask, load_native, mask_summary
 from .conditioning import ConditionError
+from .inferers import Abduction, Composition, mask_to_image
 from .networks.model import ConditionalLDM
+from .outputs import as_2d, display_volume, figure_title, png_bits, write_figure, write_native_png, write_png
 from .utils import atomic_write
 
 __all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "build_chain", "parse_attribute_args"]
 
 DEFAULT_SETTINGS = {"drift": 0.0, "strength": 0.6, "guidance": 3.0, "seed": 0, "num_inference_steps": 50,
-                    "composition": "none", "abduction": "inversion", "mask_threshold": None}
+                    "composition": "none", "abduction": "inversion", "mask_threshold": None, "output_space": "native",
+                    "samples": 1}
 _SETTING_KEYS = tuple(DEFAULT_SETTINGS)
+MAX_SAMPLES = 64
+_png_bits, _write_png = png_bits, write_png  # old private names (tests, scripts)
 
 
 def build_chain(preprocessing: Mapping[str, Any], encoder: Any = None):
@@ -118,6 +135,9 @@ class CounterfactualPipeline:
             plan["seed"] = int(plan["seed"])
             plan["num_inference_steps"] = int(plan["num_inference_steps"])
             plan["mask_threshold"] = _float_or_none(plan.get("mask_threshold"))
+            plan["samples"] = int(plan.get("samples") or 1)
+            plan["composition"] = Composition(str(plan["composition"]).strip().lower()).value
+            plan["abduction"] = Abduction(str(plan["abduction"]).strip().lower()).value
         except (TypeError, ValueError) as e:
             raise ValueError(f"bad setting value: {e}") from None
         if not 0.0 <= plan["strength"] <= 1.0:
@@ -130,15 +150,34 @@ class CounterfactualPipeline:
             raise ValueError(f"mask_threshold must be in (0, 1) or none (no mask), got {plan['mask_threshold']}")
         if not 1 <= plan["num_inference_steps"] <= int(self.model.scheduler_config.get("num_train_timesteps", 1000)):
             raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps], got {plan['num_inference_steps']}")
+        plan["output_space"] = str(plan.get("output_space") or "native").strip().lower()
+        if plan["output_space"] not in OUTPUT_SPACES:
+            raise ValueError(f"output_space must be one of {', '.join(OUTPUT_SPACES)}, got {plan['output_space']!r}")
+        if not 1 <= plan["samples"] <= MAX_SAMPLES:
+            raise ValueError(f"samples must be in [1, {MAX_SAMPLES}], got {plan['samples']}")
+        if plan["samples"] > 1 and plan["abduction"] == Abduction.INVERSION:
+            if settings.get("abduction") is not None:
+                raise ValueError("samples > 1 need a stochastic abduction: DDIM inversion is deterministic, so every sample "
+                                 "would be the same; use abduction 'noising' (the default when samples > 1)")
+            plan["abduction"] = Abduction.NOISING.value  # each sample noises the input with its own seed
         plan.update(source=src, target=tgt)
         return plan
 
     # -- the edit ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def edit(self, image: torch.Tensor, plan: Mapping[str, Any]):
-        """Counterfactual of preprocessed images ``(B, C, *spatial)`` under a resolved ``plan``."""
+        """Counterfactual of preprocessed images ``(B, C, *spatial)`` under a resolved ``plan``; with
+        ``plan["samples"]`` N > 1 a single image ``(1, C, *spatial)`` is edited N times in one batch, sample ``i``
+        drawing its noise from seed ``seed + i``."""
         torch.manual_seed(plan["seed"])
         inferer = self.model.make_inferer(plan["num_inference_steps"])
+        n = int(plan.get("samples", 1))
+        generator: torch.Generator | list[torch.Generator] = torch.Generator(device=self.device).manual_seed(plan["seed"])
+        if n > 1:
+            if image.shape[0] != 1:
+                raise ValueError(f"samples > 1 edit one image at a time, got a batch of {image.shape[0]}")
+            image = image.expand(n, *image.shape[1:])
+            generator = [torch.Generator(device=self.device).manual_seed(plan["seed"] + i) for i in range(n)]
         b = image.shape[0]
         target = self.model.condition([plan["target"]] * b)
         source = self.model.condition([plan["source"]] * b) if plan.get("source") else None
@@ -146,29 +185,54 @@ class CounterfactualPipeline:
             image.to(self.device), self.model.autoencoder, self.model.unet, source, target,
             strength=plan["strength"], guidance_scale=plan["guidance"], drift=plan["drift"], mode=self.model.mode,
             composition=plan.get("composition", "none"), abduction=plan.get("abduction", "inversion"),
-            mask_threshold=plan.get("mask_threshold"),
-            generator=torch.Generator(device=self.device).manual_seed(plan["seed"]),
+            mask_threshold=plan.get("mask_threshold"), generator=generator,
         )
 
     def __call__(self, input_path: str | os.PathLike, target: Mapping[str, Any], source: Mapping[str, Any] | None = None,
+                 edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
                  **settings: Any) -> dict[str, Any]:
-        """Counterfactual of the file ``input_path``; returns tensors in the input's space plus the record."""
+        """Counterfactual of the file ``input_path``; returns tensors in the input's space plus the record.
+
+        ``edit_mask`` / ``keep_mask``: label images on the input's grid (nonzero = in): change only inside the edit
+        mask, never inside the keep mask (native output space only).
+        """
         from .transforms import restore_to_input_space
 
         plan = self.resolve(target, source, **settings)
         path = Path(input_path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
+        native_space = plan["output_space"] == "native"
+        if not native_space and (edit_mask is not None or keep_mask is not None):
+            raise ValueError("edit and keep masks apply to the native output space (output_space='native'); the model "
+                             "output space resamples the whole model output")
         t0 = time.perf_counter()
+        native = load_native(path) if native_space else None
+        # masks are read before the edit: a mask on another grid is one error, and nothing is computed or written
+        edit = load_mask(edit_mask, native, "edit") if edit_mask is not None else None
+        keep = load_mask(keep_mask, native, "keep") if keep_mask is not None else None
         transform = self.transform()
         data = transform({"image": str(path)})
         x = data["image"]
         out = self.edit(x.unsqueeze(0).float(), plan)
-        cf = out.image[0].cpu()
-        diff = out.difference[0].cpu()
-        cf_in = restore_to_input_space(cf, data, transform)
-        diff_in = restore_to_input_space(diff, data, transform)
-        x_in = restore_to_input_space(x, data, transform)
+        n = plan["samples"]
+        change = (out.change if out.change is not None else out.difference).cpu()
+        weight = mask_to_image(out.latents["mask"], x.shape[1:]).cpu() if "mask" in out.latents else None
+        model_cf = out.image.float().mean(0).cpu()
+        model_std = out.image.float().std(0).cpu() if n > 1 else None
+        if native_space:
+            res = compose_in_input_space(change, data, transform, native, weight, edit, keep)
+            cf_in, diff_in, unc_in, region = res["counterfactual"], res["difference"], res["uncertainty"], res["region"]
+            changed = int((cf_in.as_tensor() != native.as_tensor()).sum())
+            intensity = (f"the input's own units and dtype ({native.meta[STORED_DTYPE_KEY]}): input + Δ, Δ = the "
+                         f"model's change × {res['scale']:.6g} input units per model unit, restricted to the edit region; "
+                         "every other voxel is the input's own")
+        else:
+            cf_in = restore_to_input_space(model_cf, data, transform)
+            diff_in = restore_to_input_space(out.difference.float().mean(0).cpu(), data, transform)
+            unc_in = restore_to_input_space(model_std, data, transform) if model_std is not None else None
+            region, changed = None, None
+            intensity = "model scale [0, 1] after percentile normalisation (not the input's raw intensities)"
         record = {
             "input": str(path.resolve()),
             "model": {"spatial_dims": self.model.spatial_dims, "attributes": self.encoder.to_config(),
@@ -178,119 +242,81 @@ class CounterfactualPipeline:
             "drift": plan["drift"], "strength": plan["strength"], "guidance": plan["guidance"], "seed": plan["seed"],
             "num_inference_steps": plan["num_inference_steps"], "composition": plan["composition"],
             "abduction": plan["abduction"], "mask_threshold": plan["mask_threshold"], "denoising_steps": out.settings["steps"],
-            "intensity": "model scale [0, 1] after percentile normalisation (not the input's raw intensities)",
+            "output_space": plan["output_space"], "samples": n, "seeds": [plan["seed"] + i for i in range(n)],
+            "intensity": intensity,
+            "region": mask_summary(region, edit_mask, keep_mask, plan["mask_threshold"]) if native_space else None,
+            "changed_voxels": changed,
             "seconds": round(time.perf_counter() - t0, 2),
         }
-        return {"counterfactual": cf_in, "difference": diff_in, "input": x_in, "model_space": {"input": x, "counterfactual": cf},
+        return {"counterfactual": cf_in, "difference": diff_in, "uncertainty": unc_in, "region": region,
+                "input": native if native_space else restore_to_input_space(x, data, transform),
+                "model_space": {"input": x, "counterfactual": model_cf, "uncertainty": model_std},
                 "record": record, "reference": data["image"]}
 
     # -- writing ----------------------------------------------------------------------------------------------------
     def run_to_dir(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, target: Mapping[str, Any],
-                   source: Mapping[str, Any] | None = None, overwrite: bool = False, **settings: Any) -> dict[str, str]:
+                   source: Mapping[str, Any] | None = None, overwrite: bool = False,
+                   edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
+                   **settings: Any) -> dict[str, str]:
         """Compute the counterfactual of ``input_path`` and write the outputs into ``output_dir``; returns their paths."""
         from .transforms import save_like_input
 
+        plan = self.resolve(target, source, **settings)  # bad settings fail before anything is read
         out_dir = Path(output_dir)
-        in_path = Path(input_path).resolve()
+        inputs = [Path(p).resolve() for p in (input_path, edit_mask, keep_mask) if p is not None]
         is_2d = self.model.spatial_dims == 2
         names = {"counterfactual": "counterfactual.nii.gz", "difference": "difference.nii.gz", "figure": "figure.png",
                  "record": "record.json"}
+        if plan["samples"] > 1:
+            names["uncertainty"] = "uncertainty.nii.gz"
         if is_2d:
             names.update(counterfactual_png="counterfactual.png", difference_png="difference.png")
         targets = {k: out_dir / v for k, v in names.items()}
         for p in targets.values():
-            if p.resolve() == in_path:
-                raise ValueError(f"refusing to write {p}: it is the input file")
+            if p.resolve() in inputs:
+                raise ValueError(f"refusing to write {p}: it is an input file")
             if p.exists() and not overwrite:
                 raise FileExistsError(f"{p} exists; choose another --output-dir or pass overwrite")
-        result = self(input_path, target, source, **settings)  # everything computed before anything is written
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ref = result["reference"]
-        save_like_input(result["counterfactual"], targets["counterfactual"], reference=ref, overwrite=overwrite)
+        result = self(input_path, target, source, edit_mask=edit_mask, keep_mask=keep_mask, **settings)
+        out_dir.mkdir(parents=True, exist_ok=True)  # everything computed before anything is written
+        ref, cf, native = result["reference"], result["counterfactual"], result["record"]["output_space"] == "native"
+        dtype = np.dtype(cf.meta[STORED_DTYPE_KEY]) if native else np.float32
+        save_like_input(cf, targets["counterfactual"], reference=ref, overwrite=overwrite, dtype=dtype)
         save_like_input(result["difference"], targets["difference"], reference=ref, overwrite=overwrite)
+        if result["uncertainty"] is not None:
+            save_like_input(result["uncertainty"], targets["uncertainty"], reference=ref, overwrite=overwrite)
         if is_2d:
-            _write_png(_as_2d(result["counterfactual"]), targets["counterfactual_png"], (0.0, 1.0), _png_bits(in_path))
-            _write_png(_as_2d(result["difference"]), targets["difference_png"], None)
-        _write_figure(result, targets["figure"], self.model.spatial_dims)
+            if native:
+                write_native_png(cf, targets["counterfactual_png"], cf.meta[STORED_DTYPE_KEY])
+            else:
+                write_png(as_2d(cf), targets["counterfactual_png"], (0.0, 1.0), png_bits(Path(input_path)))
+            write_png(as_2d(result["difference"]), targets["difference_png"], None)
+        _figure(result, targets["figure"], self.model.spatial_dims)
         record = {**result["record"], "outputs": {k: str(v) for k, v in targets.items()}}
         atomic_write(targets["record"], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
         return {k: str(v) for k, v in targets.items()}
 
 
-def _as_2d(t: torch.Tensor) -> np.ndarray:
-    a = np.asarray(t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float32)
-    while a.ndim > 2:
-        a = a[0]
-    return a.T  # MONAI's 2D arrays are (columns, rows): transpose back to image rows
-
-
-def _png_bits(path: Path) -> int:
-    """8 for an 8-bit image file (PNG/JPEG/BMP in L/RGB modes), else 16 (16-bit PNG, DICOM, NIfTI, ...)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            return 8 if im.mode in ("1", "L", "LA", "P", "RGB", "RGBA") else 16
-    except (UnidentifiedImageError, OSError):
-        return 16
-
-
-def _write_png(a: np.ndarray, path: Path, value_range: tuple[float, float] | None, bits: int = 8) -> None:
-    """Grayscale at ``bits`` (8 or 16) for images (``value_range``), RGB diverging colour map for a difference
-    (symmetric range)."""
-    from PIL import Image
-
-    if value_range is not None:
-        lo, hi = value_range
-        top, dtype = (65535, np.uint16) if bits == 16 else (255, np.uint8)
-        img = Image.fromarray((np.clip((a - lo) / (hi - lo), 0, 1) * top).round().astype(dtype))
-    else:
-        import matplotlib
-
-        m = float(np.abs(a).max()) or 1.0
-        rgba = matplotlib.colormaps["RdBu_r"]((a / m + 1) / 2)
-        img = Image.fromarray((rgba[..., :3] * 255).round().astype(np.uint8), mode="RGB")
-    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
-
-
-def _slices(vol: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """Middle axial, coronal and sagittal slices of a RAS-ish ``(X, Y, Z)`` volume, oriented for display."""
-    x, y, z = (s // 2 for s in vol.shape)
-    return [("axial", np.rot90(vol[:, :, z])), ("coronal", np.rot90(vol[:, y, :])), ("sagittal", np.rot90(vol[x, :, :]))]
-
-
-def _write_figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ms = result["model_space"]
-    x = np.asarray(ms["input"][0].cpu(), dtype=np.float32)
-    cf = np.asarray(ms["counterfactual"][0].cpu(), dtype=np.float32)
-    d = cf - x
+def _figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> None:
+    """input / counterfactual / difference [/ uncertainty]: in the input's own space and units for native outputs
+    (edit region outlined), on the model's grid and scale otherwise."""
     rec = result["record"]
-    if spatial_dims == 3:
-        rows = list(zip(_slices(x), _slices(cf), _slices(d)))
+    if rec["output_space"] == "native":
+        view = display_volume if spatial_dims == 3 else (lambda t: np.asarray(t[0].float().cpu().numpy(), np.float32))
+        x, cf, d = view(result["input"]), view(result["counterfactual"]), view(result["difference"])
+        unc = None if result["uncertainty"] is None else view(result["uncertainty"])
+        region = None if result["region"] is None else view(result["region"].float() if spatial_dims == 2 else
+                                                           _on_grid(result["region"].float(), result["input"])) > 0.5
+        lo, hi = (float(v) for v in np.percentile(x[:: max(1, x.shape[0] // 64)], (0.5, 99.5)))
+        unit = "input units"
     else:
-        rows = [(("", x.T), ("", cf.T), ("", d.T))]
+        ms = result["model_space"]
+        x, cf = (np.asarray(ms[k][0].cpu(), dtype=np.float32) for k in ("input", "counterfactual"))
+        d, region, (lo, hi), unit = cf - x, None, (0.0, 1.0), "model scale"
+        unc = None if ms["uncertainty"] is None else np.asarray(ms["uncertainty"][0], dtype=np.float32)
     m = float(np.abs(d).max()) or 1.0
-    fig, axes = plt.subplots(len(rows), 3, figsize=(9.5, 3.1 * len(rows) + 0.6), squeeze=False, layout="constrained")
-    for r, ((name, a), (_, b), (_, c)) in enumerate(rows):
-        axes[r, 0].imshow(a, cmap="gray", vmin=0, vmax=1)
-        axes[r, 1].imshow(b, cmap="gray", vmin=0, vmax=1)
-        im = axes[r, 2].imshow(c, cmap="RdBu_r", vmin=-m, vmax=m)
-        axes[r, 0].set_ylabel(name)
-        for ax in axes[r]:
-            ax.set_xticks([]), ax.set_yticks([])
-    axes[0, 0].set_title("input")
-    axes[0, 1].set_title("counterfactual")
-    axes[0, 2].set_title("difference (cf - input)")
-    fig.colorbar(im, ax=axes[:, 2].tolist(), shrink=0.8, aspect=30)
-    tgt = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec["target"].items())
-    src = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in (rec["source"] or {}).items()) or "null"
-    fig.suptitle(f"source: {src}\ntarget: {tgt}\nδ={rec['drift']:g}, strength={rec['strength']:g}, "
-                 f"guidance={rec['guidance']}, composition={rec['composition']}, seed={rec['seed']}"
-                 + (f", mask={rec['mask_threshold']:g}" if rec.get("mask_threshold") is not None else ""), fontsize=9)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90, bbox_inches="tight"))
-    plt.close(fig)
+    panels = [("input", x, "gray", lo, hi), ("counterfactual", cf, "gray", lo, hi),
+              (f"difference (cf - input, {unit})", d, "RdBu_r", -m, m)]
+    if unc is not None:
+        panels.append((f"uncertainty (std of {rec['samples']} samples)", unc, "magma", 0.0, float(unc.max()) or 1.0))
+    write_figure(path, panels, spatial_dims, figure_title(rec), region)

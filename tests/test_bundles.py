@@ -41,9 +41,13 @@ def test_brain_bundle_run_on_a_real_scan_keeps_geometry(tmp_path):
     assert cf.shape == src.shape and diff.shape == src.shape
     assert np.allclose(cf.affine, src.affine, atol=1e-4)
     assert nib.aff2axcodes(cf.affine) == nib.aff2axcodes(src.affine)
+    # native output space (the default since issue #16): the input's own dtype (int16, stored big-endian) and units,
+    # where the former whole-volume output was float32 on the model's [0, 1] scale
+    assert cf.get_data_dtype() == src.get_data_dtype().newbyteorder("=")
     assert np.abs(diff.get_fdata()).max() > 0
     rec = json.loads((out / "record.json").read_text())
     assert rec["drift"] == 0.05 and rec["target"]["diagnosis"] == "AD" and rec["num_inference_steps"] == 5
+    assert rec["output_space"] == "native" and rec["changed_voxels"] == np.count_nonzero(diff.get_fdata())
     assert Image.open(out / "figure.png").size[0] > 100
 
 

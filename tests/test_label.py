@@ -163,6 +163,21 @@ def test_infer_returns_counterfactual_in_input_geometry(server):
     np.testing.assert_allclose(np.asarray(d.dataobj), np.asarray(diff_file.dataobj), atol=1e-6)
 
 
+def test_segment_sent_with_the_request_is_the_edit_mask(server):
+    """A Slicer segment uploaded as MONAI Label's ``label`` file: the counterfactual changes only inside it."""
+    src = nib.load(server.image)
+    seg = np.zeros(src.shape, np.uint8)
+    seg[tuple(slice(s // 4, s // 2) for s in src.shape)] = 1
+    r = requests.post(f"{server.url}/infer/{MODEL}", params={"image": "anatomical", "output": "json"},
+                      data={"params": json.dumps({"target": TARGET, "seed": 2, **FAST})},
+                      files={"label": ("segment.nii", io.BytesIO(nib.Nifti1Image(seg, src.affine).to_bytes()))}, timeout=300)
+    assert r.status_code == 200, r.text
+    res = r.json()
+    diff = np.asarray(nib.load(res["outputs"]["difference"]).dataobj)
+    assert np.count_nonzero(diff) > 0 and np.count_nonzero(diff[seg == 0]) == 0
+    assert res["record"]["region"]["edit_mask"] is not None
+
+
 def test_slicer_style_flat_params(server):
     """What 3D Slicer's Options table sends: the model's config back, drop-downs as lists with the choice first."""
     cfg = requests.get(f"{server.url}/info/", timeout=30).json()["models"][MODEL]["config"]

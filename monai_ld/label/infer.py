@@ -13,6 +13,9 @@ to the input's geometry (same shape and affine). The task
 3. returns a temporary copy of the requested volume (MONAI Label deletes the file it sends) and a JSON result that
    lists where all outputs are.
 
+A label sent with the request (3D Slicer's segment, uploaded as MONAI Label's ``label`` file; nonzero = in) is the
+edit mask: the counterfactual changes only there (native output space; its content is part of the cache key).
+
 One lock serialises the model work of all tasks of a process: the edit seeds torch's global RNG, and two edits at
 once would only share the same CPU cores anyway.
 """
@@ -69,7 +72,8 @@ class CounterfactualInferTask(InferTask):
             dimension=dims,
             description=(f"Latent Drifting counterfactual ({dims}D, {self.pipeline.chain_name}): the image as it would "
                          f"look under target attributes ({enc.describe()}). Returns a NIfTI in the input's geometry; "
-                         f"params 'result': 'difference' returns counterfactual - input instead."),
+                         f"params 'result': 'difference' returns counterfactual - input instead; a label sent with the request "
+                         f"is the edit mask (change only there)."),
             config=slicer_config(enc, self.pipeline.defaults),
         )
 
@@ -77,7 +81,7 @@ class CounterfactualInferTask(InferTask):
         info = super().info()
         info["attributes"] = self.pipeline.encoder.to_config()
         info["defaults"] = _jsonable(self.pipeline.defaults)
-        info["outputs"] = ["counterfactual", "difference"]
+        info["outputs"] = ["counterfactual", "difference", "uncertainty"]
         return info
 
     def is_valid(self) -> bool:
@@ -96,12 +100,13 @@ class CounterfactualInferTask(InferTask):
             raise RequestError(str(e)) from None
         return req, plan
 
-    def _run_dir(self, image_id: str, image_path: Path, plan: dict[str, Any]) -> Path:
+    def _run_dir(self, image_id: str, image_path: Path, plan: dict[str, Any], label: Path | None = None) -> Path:
         st = image_path.stat()
         ck = self.checkpoint.stat()
         key = json.dumps({"image": str(image_path.resolve()), "mtime": st.st_mtime_ns, "size": st.st_size,
                           "checkpoint": str(self.checkpoint.resolve()), "ck_mtime": ck.st_mtime_ns, "ck_size": ck.st_size,
-                          "plan": _jsonable(plan)}, sort_keys=True)
+                          "plan": _jsonable(plan),
+                          "label": hashlib.sha256(label.read_bytes()).hexdigest() if label else None}, sort_keys=True)
         digest = hashlib.sha256(key.encode()).hexdigest()[:16]
         safe_id = "".join(c if c.isalnum() or c in "-_." else "_" for c in image_id) or "image"
         return self.outputs_dir / safe_id / self.name / digest
@@ -117,7 +122,11 @@ class CounterfactualInferTask(InferTask):
         if not image_path.exists():
             raise RequestError(f"image not found: {image}", status=404)
         image_id = str(request.get("image_id") or image_path.name.split(".")[0])
-        run_dir = self._run_dir(image_id, image_path, plan)
+        label = request.get("label")  # MONAI Label stores an uploaded label as a temporary file and passes its path
+        label = Path(label) if isinstance(label, str) and label and Path(label).is_file() else None
+        if req.result == "uncertainty" and plan["samples"] < 2:
+            raise RequestError("result 'uncertainty' needs samples > 1 (the standard deviation over the samples)")
+        run_dir = self._run_dir(image_id, image_path, plan, label)
         settings = {k: plan[k] for k in SETTING_KEYS}
         waited = time.perf_counter()
         with MODEL_LOCK:
@@ -128,13 +137,14 @@ class CounterfactualInferTask(InferTask):
                 run_dir.mkdir(parents=True, exist_ok=True)
                 try:
                     self.pipeline.run_to_dir(image_path, run_dir, req.target, req.source or None, overwrite=True,
-                                             **settings)
+                                             edit_mask=label, **settings)
                 except (ValueError, FileNotFoundError) as e:  # e.g. a 2D image sent to a 3D model
                     raise RequestError(f"cannot make a counterfactual of {image_id!r} with {self.name}: {e}") from None
         record = json.loads(record_file.read_text())
         outputs = {k: str(run_dir / n) for k, n in (("counterfactual", "counterfactual.nii.gz"),
                                                     ("difference", "difference.nii.gz"), ("figure", "figure.png"),
-                                                    ("record", "record.json"))}
+                                                    ("record", "record.json"), ("uncertainty", "uncertainty.nii.gz"))
+                   if (run_dir / n).is_file()}
         # MONAI Label deletes the file it answers with: hand it a copy, keep the run folder
         fd, response_file = tempfile.mkstemp(prefix=f"{image_id}_{req.result}_", suffix=".nii.gz")
         os.close(fd)

@@ -12,8 +12,8 @@ a drop-down whose chosen item comes first; ``""`` / ``"(keep)"`` / ``"(unknown)"
     {"target_diagnosis": ["AD", "(keep)", "CN", "MCI"], "target_age": "", "source_age": "71", ...}
 
 Entries of ``target`` / ``source`` override flat ones. Settings left out take the model's (bundle's) defaults.
-``result`` picks the volume the response carries: ``"counterfactual"`` (default) or ``"difference"``
-(counterfactual − input, model intensity scale).
+``result`` picks the volume the response carries: ``"counterfactual"`` (default), ``"difference"``
+(counterfactual − input; the input's units in the native output space) or ``"uncertainty"`` (with ``samples`` > 1).
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from monai_ld.composition import OUTPUT_SPACES
 from monai_ld.inferers import Abduction, Composition
 from monai_ld.pipeline import DEFAULT_SETTINGS
 
 __all__ = ["RequestError", "CounterfactualRequest", "parse_params", "RESULT_KINDS", "SETTING_KEYS", "slicer_config"]
 
-RESULT_KINDS = ("counterfactual", "difference")
+RESULT_KINDS = ("counterfactual", "difference", "uncertainty")
 SETTING_KEYS = tuple(DEFAULT_SETTINGS)  # the pipeline's settings, one list
-_CHOICES = {"composition": tuple(c.value for c in Composition), "abduction": tuple(a.value for a in Abduction)}
+_CHOICES = {"composition": tuple(c.value for c in Composition), "abduction": tuple(a.value for a in Abduction),
+            "output_space": OUTPUT_SPACES}
 _UNSET = ("", "(keep)", "(unknown)", "keep", "none_given")
 # keys MONAI Label itself (server, Slicer / OHIF clients) puts into an infer request: accepted and ignored
 MONAI_LABEL_KEYS = frozenset({
@@ -151,12 +153,12 @@ def slicer_config(encoder: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
         for a in encoder.attributes:
             classes = getattr(a, "classes", None)
             cfg[f"{side}_{a.name}"] = [unset, *classes] if classes else ""
-    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps", "mask_threshold"):
+    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps", "mask_threshold", "samples"):
         value = defaults.get(key)
         if value is None:  # guidance None = no classifier-free guidance, mask_threshold None = no mask
             cfg[key] = "none"
         else:
-            cfg[key] = int(value) if key in ("seed", "num_inference_steps") else float(value)
+            cfg[key] = int(value) if key in ("seed", "num_inference_steps", "samples") else float(value)
     for key, choices in _CHOICES.items():
         chosen = str(defaults.get(key, choices[0]))
         cfg[key] = [chosen, *[c for c in choices if c != chosen]]

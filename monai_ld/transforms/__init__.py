@@ -4,10 +4,13 @@ inversion back to the input space, and torchio interop. Array transform ``Foo`` 
 from monai_ld.transforms.attributes import EncodeAttributes, EncodeAttributesd
 from monai_ld.transforms.chains import ForegroundAbove, PreprocessCompose, brain_mri_transforms, chest_xray_transforms
 from monai_ld.transforms.intensity import (
+    INTENSITY_RANGE_KEY,
     InvertMonochrome1,
     InvertMonochrome1d,
     N4BiasFieldCorrection,
     N4BiasFieldCorrectiond,
+    RecordedPercentileScale,
+    RecordedPercentileScaled,
     ToGrayscale,
     ToGrayscaled,
     photometric_interpretation,
@@ -20,6 +23,7 @@ from monai_ld.transforms.validation import ImageValidationError, ValidateImage, 
 
 __all__ = [
     "ACCEPTED_FORMATS",
+    "INTENSITY_RANGE_KEY",
     "EncodeAttributes",
     "EncodeAttributesd",
     "ExtractSlice",
@@ -34,6 +38,8 @@ __all__ = [
     "N4BiasFieldCorrection",
     "N4BiasFieldCorrectiond",
     "PreprocessCompose",
+    "RecordedPercentileScale",
+    "RecordedPercentileScaled",
     "ToGrayscale",
     "ToGrayscaled",
     "TorchIOSubjectd",

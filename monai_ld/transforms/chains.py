@@ -20,13 +20,17 @@ from monai.transforms import (
     Orientationd,
     ResizeWithPadOrCropd,
     Resized,
-    ScaleIntensityRangePercentilesd,
     Spacingd,
 )
 
 from monai_ld.conditioning import AttributeEncoder, ConditionError
 from monai_ld.transforms.attributes import EncodeAttributesd
-from monai_ld.transforms.intensity import InvertMonochrome1d, N4BiasFieldCorrectiond, ToGrayscaled
+from monai_ld.transforms.intensity import (
+    InvertMonochrome1d,
+    N4BiasFieldCorrectiond,
+    RecordedPercentileScaled,
+    ToGrayscaled,
+)
 from monai_ld.transforms.io import ImageLoadError, LoadMedicalImaged
 from monai_ld.transforms.spatial import ExtractSliced
 from monai_ld.transforms.validation import ImageValidationError, ValidateImaged
@@ -111,7 +115,8 @@ def brain_mri_transforms(
     4. optional :class:`N4BiasFieldCorrectiond` (intensity only);
     5. optional ``CropForegroundd`` (:class:`ForegroundAbove` threshold) and ``ResizeWithPadOrCropd(spatial_size)``
        (spacing is kept, so choose ``pixdim * spatial_size`` to cover a head: 64 x 3 mm = 192 mm);
-    6. ``ScaleIntensityRangePercentilesd(percentiles -> [0, 1], clip)``;
+    6. :class:`RecordedPercentileScaled` (MONAI's percentile scaling to ``[0, 1]``, clipped, recording the range in
+       ``meta['intensity_range']`` for native-space composition);
     7. optional :class:`ExtractSliced` (``slice_axis`` 2 = axial after RAS) for 2D models;
     8. optional :class:`EncodeAttributesd` (``encoder`` given): ``condition_key`` holds the ``(1, dim)`` code.
 
@@ -136,7 +141,7 @@ def brain_mri_transforms(
                                      margin=2, allow_smaller=True))
     steps += [
         ResizeWithPadOrCropd(keys, spatial_size=tuple(spatial_size)),
-        ScaleIntensityRangePercentilesd(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
+        RecordedPercentileScaled(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
         EnsureTyped(keys, dtype=torch.float32),
     ]
     if slice_axis is not None:
@@ -173,7 +178,7 @@ def chest_xray_transforms(
         ValidateImaged(keys, spatial_dims=2, num_channels=1),
         Resized(keys, spatial_size=int(size), size_mode="longest", mode="area"),
         ResizeWithPadOrCropd(keys, spatial_size=(int(size), int(size))),
-        ScaleIntensityRangePercentilesd(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
+        RecordedPercentileScaled(keys, lower=lo, upper=hi, b_min=0.0, b_max=1.0, clip=True),
         EnsureTyped(keys, dtype=torch.float32),
     ]
     steps += _encoder_step(encoder, attribute_keys, condition_key)

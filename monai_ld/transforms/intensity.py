@@ -1,4 +1,5 @@
-"""Intensity transforms MONAI lacks: N4 bias-field correction (SimpleITK), MONOCHROME1 inversion, RGB to grayscale.
+"""Intensity transforms MONAI lacks: N4 bias-field correction (SimpleITK), MONOCHROME1 inversion, RGB to grayscale,
+percentile scaling that records the range it mapped (so a model-space change can be put back in the input's units).
 
 All of them change intensities only: shape, affine and the ``applied_operations`` trace are untouched, so they are
 invisible to :meth:`monai.transforms.Compose.inverse` / :class:`monai.transforms.Invertd` (nothing to undo
@@ -15,7 +16,8 @@ import SimpleITK as sitk
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Transform
+from monai.transforms import MapTransform, ScaleIntensityRangePercentiles, ScaleIntensityRangePercentilesd, Transform
+from monai.transforms.utils_pytorch_numpy_unification import percentile
 from monai.utils import convert_to_dst_type
 
 __all__ = [
@@ -23,6 +25,9 @@ __all__ = [
     "N4BiasFieldCorrectiond",
     "InvertMonochrome1",
     "InvertMonochrome1d",
+    "INTENSITY_RANGE_KEY",
+    "RecordedPercentileScale",
+    "RecordedPercentileScaled",
     "ToGrayscale",
     "ToGrayscaled",
     "photometric_interpretation",
@@ -178,3 +183,33 @@ class ToGrayscaled(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.converter(d[key])
         return d
+
+
+INTENSITY_RANGE_KEY = "intensity_range"
+
+
+class RecordedPercentileScale(ScaleIntensityRangePercentiles):
+    """:class:`monai.transforms.ScaleIntensityRangePercentiles` (not channel-wise, not relative) that also writes the
+    input range it mapped into the output's metadata, ``meta["intensity_range"] = [a_min, a_max, b_min, b_max]``.
+
+    The percentiles depend on the image after resampling and cropping, so they cannot be recomputed from the file
+    later; with them, a change ``d`` on the model's scale is ``d * (a_max - a_min) / (b_max - b_min)`` in the
+    input's units (what native-space composition needs). Values are the parent's exactly. Shape ``(C, *spatial)``.
+    """
+
+    def __call__(self, img):
+        out = super().__call__(img)
+        if isinstance(out, MetaTensor):
+            t = img.as_tensor() if isinstance(img, MetaTensor) else torch.as_tensor(img)
+            a_min, a_max = (float(percentile(t, q)) for q in (self.lower, self.upper))  # as the parent computes them
+            out.meta[INTENSITY_RANGE_KEY] = [a_min, a_max, float(self.b_min), float(self.b_max)]
+        return out
+
+
+class RecordedPercentileScaled(ScaleIntensityRangePercentilesd):
+    """Dictionary wrapper of :class:`RecordedPercentileScale` (same arguments as MONAI's ``...Percentilesd``)."""
+
+    def __init__(self, keys: KeysCollection, lower: float, upper: float, b_min: float, b_max: float, clip: bool = False,
+                 dtype: Any = np.float32, allow_missing_keys: bool = False):
+        super().__init__(keys, lower, upper, b_min, b_max, clip, dtype=dtype, allow_missing_keys=allow_missing_keys)
+        self.scaler = RecordedPercentileScale(lower, upper, b_min, b_max, clip, dtype=dtype)
