@@ -56,7 +56,18 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
 
     bundle = resolve_bundle(args.bundle)
     target, source = parse_attribute_args(args.target), parse_attribute_args(args.source)
+    if args.input_list and (args.edit_mask or args.keep_mask):
+        raise ValueError("with --input-list give masks per row (CSV columns edit_mask / keep_mask), not --edit-mask/--keep-mask")
     pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
+    if args.input_list:
+        from .cohort import run_cohort
+
+        results, failed = run_cohort(pipe, args.input_list, args.output_dir, target, source or None, overwrite=args.overwrite,
+                                     **{k: v for k, v in _settings(args).items() if v is not None})
+        counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped (done)", "failed")}
+        print(f"{len(results)} rows: {counts['done']} done, {counts['skipped (done)']} skipped (finished before), "
+              f"{failed} failed; summary: {Path(args.output_dir) / 'summary.csv'}")
+        return 1 if failed else 0
     outputs = pipe.run_to_dir(args.input, args.output_dir, target=target, source=source or None,
                               overwrite=args.overwrite, edit_mask=args.edit_mask, keep_mask=args.keep_mask,
                               **{k: v for k, v in _settings(args).items() if v is not None})
@@ -192,7 +203,13 @@ def add_parser(sub) -> None:
                               "--source sex=F --source diagnosis=CN --target age=85 --target diagnosis=AD --drift 0.05 "
                               "--output-dir out/")
     p.add_argument("--bundle", required=True, help="bundle folder or name (brain, cxr)")
-    p.add_argument("--input", required=True, help="NIfTI / NRRD / DICOM folder (3D) or PNG / JPEG / DICOM (2D)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", help="NIfTI / NRRD / DICOM folder (3D) or PNG / JPEG / DICOM (2D)")
+    src.add_argument("--input-list", dest="input_list", metavar="CSV_OR_FOLDER",
+                     help="cohort: a CSV with a 'path' column (absolute or relative to the CSV) and optional attribute "
+                          "columns (each row's source) and edit_mask / keep_mask columns, or a folder of images; one "
+                          "output folder per row plus summary.csv; finished rows are skipped on a re-run; exit 1 if any "
+                          "row failed")
     p.add_argument("--target", action="append", metavar="NAME=VALUE", required=True,
                    help="target attribute (repeat); with --source only the changed ones are needed")
     p.add_argument("--source", action="append", metavar="NAME=VALUE",

@@ -208,3 +208,36 @@ def test_per_sample_generators_draw_like_single_seeds():
     batch = _randn((2, 2, 5), gens, torch.float32, "cpu")
     for i, s in enumerate((3, 4)):
         torch.testing.assert_close(batch[i : i + 1], torch.randn((1, 2, 5), generator=torch.Generator().manual_seed(s)))
+
+
+def test_cohort_mode_resumes_and_reports_the_bad_row(tmp_path, capsys):
+    """--input-list: 8 radiographs (one corrupt) -> 7 outputs, one clear error, exit 1; the re-run skips the 7."""
+    import csv
+
+    from monai_ld.cli import main
+
+    a = np.asarray(Image.open(CXR / "sample_data" / "phantom_test_radiograph.png"))
+    rows = []
+    for i in range(7):
+        Image.fromarray(a[i : 100 + i, 3 * i : 90 + 3 * i]).save(tmp_path / f"cxr{i}.png")
+        rows.append({"path": f"cxr{i}.png", **CXR_SOURCE})
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows.insert(3, {"path": str(tmp_path / "broken.png"), **CXR_SOURCE})
+    with open(tmp_path / "list.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    cmd = ["counterfactual", "--bundle", "cxr", "--input-list", str(tmp_path / "list.csv"), "--target", "cardiomegaly=1",
+           "--steps", "2", "--output-dir", str(tmp_path / "out")]
+    assert main(cmd) == 1
+    err = capsys.readouterr().err
+    assert err.count(": error: ") == 1 and "row 4" in err and "broken.png" in err and "could not read image" in err
+    summary = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["status"] for r in summary].count("done") == 7 and summary[3]["status"] == "failed"
+    for i in range(7):
+        y = np.asarray(Image.open(tmp_path / "out" / f"cxr{i}" / "counterfactual.png"))
+        assert y.shape == (100, 90) and y.dtype == np.uint16
+    assert not (tmp_path / "out" / "broken").exists()
+    assert main(cmd) == 1  # the bad row still fails; the finished ones are not recomputed
+    summary = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
+    assert [r["status"] for r in summary].count("skipped (done)") == 7

@@ -1,0 +1,139 @@
+"""Cohort mode: one counterfactual per row of a CSV (or per image in a folder), resumable, one error per bad row.
+
+``monai-ld counterfactual --input-list list.csv --target diagnosis=AD --output-dir out/``
+
+The CSV has a ``path`` column (absolute, or relative to the CSV), optionally columns named as the model's attributes
+(each row's own source; an empty cell = not given; ``--source`` values fill what a row leaves out) and ``edit_mask`` /
+``keep_mask`` columns (label images on that row's grid). A folder instead of a CSV: every image file in it, no sources.
+
+Each row is written to ``out/<id>/`` (``<id>`` from the file name) by
+:meth:`~monai_ld.pipeline.CounterfactualPipeline.run_to_dir`, which writes ``record.json`` last: a row whose folder
+holds a ``record.json`` is finished and skipped on a re-run. A bad row (unreadable file, out-of-range attribute, mask
+on another grid) is one line on stderr and a ``failed`` row in ``out/summary.csv``; the others run. Rows run one at a
+time (batch 1).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .utils import atomic_write
+
+__all__ = ["read_input_list", "run_cohort", "SUMMARY_FIELDS"]
+
+SUMMARY_FIELDS = ("row", "id", "path", "status", "seconds", "changed_voxels", "output_dir", "error")
+_IMAGE_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".bmp", ".dcm")
+_MASK_COLUMNS = ("edit_mask", "keep_mask")
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in sorted(_IMAGE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)] or name
+    return name
+
+
+def read_input_list(source: str | os.PathLike, attribute_names: tuple[str, ...] | list[str]) -> list[dict[str, Any]]:
+    """Rows ``{"row", "id", "path", "source", "edit_mask", "keep_mask"}`` of a CSV or a folder (see module docstring).
+
+    Raises:
+        ValueError: no ``path`` column, or nothing to run (the only errors that stop the whole cohort).
+        FileNotFoundError: ``source`` does not exist.
+    """
+    src = Path(source)
+    if not src.exists():
+        raise FileNotFoundError(f"input list not found: {src}")
+    rows: list[dict[str, Any]] = []
+    if src.is_dir():
+        files = sorted(p for p in src.iterdir() if p.is_file() and p.name.lower().endswith(_IMAGE_SUFFIXES))
+        rows = [{"row": i + 1, "path": p, "source": {}, "edit_mask": None, "keep_mask": None} for i, p in enumerate(files)]
+    else:
+        with open(src, newline="") as f:
+            reader = csv.DictReader(f)
+            if "path" not in (reader.fieldnames or []):
+                raise ValueError(f"{src}: a CSV input list needs a 'path' column (found: {', '.join(reader.fieldnames or [])})")
+            for i, r in enumerate(reader):
+                def resolve(v: str | None) -> Path | None:
+                    if not v or not v.strip():
+                        return None
+                    p = Path(v.strip())
+                    return p if p.is_absolute() else src.parent / p
+
+                rows.append({"row": i + 1, "path": resolve(r["path"]) or Path(""),
+                             "source": {n: r[n].strip() for n in attribute_names if (r.get(n) or "").strip()},
+                             **{k: resolve(r.get(k)) for k in _MASK_COLUMNS}})
+    if not rows:
+        raise ValueError(f"{src}: no inputs to run (a CSV with a 'path' column, or a folder of images)")
+    seen: dict[str, int] = {}
+    for r in rows:  # a unique output folder per row, readable: the file name, numbered when repeated
+        stem = _stem(r["path"]) or f"row{r['row']}"
+        seen[stem] = seen.get(stem, 0) + 1
+        r["id"] = stem if seen[stem] == 1 else f"{stem}_{seen[stem]}"
+    return rows
+
+
+def _write_summary(path: Path, results: list[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=SUMMARY_FIELDS)
+    w.writeheader()
+    for r in results:
+        w.writerow({k: r.get(k, "") for k in SUMMARY_FIELDS})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def run_cohort(pipe: Any, input_list: str | os.PathLike, output_dir: str | os.PathLike, target: Mapping[str, Any],
+               source: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
+               **settings: Any) -> tuple[list[dict[str, Any]], int]:
+    """Run every row; returns the summary rows and the number of failed rows (``summary.csv`` is rewritten after each).
+
+    ``source`` fills attributes a row leaves out; ``overwrite`` recomputes finished rows too.
+    """
+    rows = read_input_list(input_list, pipe.encoder.names)
+    from .conditioning import ConditionError
+
+    try:  # bad settings: one error before any row; attributes are checked per row (a row may give its own source)
+        pipe.resolve(target, dict(source) if source else None, **settings)
+    except ConditionError:
+        pass
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    iterator = rows
+    if progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(rows, desc="counterfactuals", unit="image", file=sys.stderr)
+    for r in iterator:
+        row_dir = out / r["id"]
+        res = {"row": r["row"], "id": r["id"], "path": str(r["path"]), "output_dir": str(row_dir)}
+        t0 = time.perf_counter()
+        if (row_dir / "record.json").is_file() and not overwrite:
+            res["status"] = "skipped (done)"
+        else:
+            try:
+                # a folder without record.json is an unfinished earlier run of this row: replace its files
+                written = pipe.run_to_dir(r["path"], row_dir, target, {**(source or {}), **r["source"]} or None,
+                                          overwrite=True, edit_mask=r["edit_mask"], keep_mask=r["keep_mask"], **settings)
+                res["changed_voxels"] = json.loads(Path(written["record"]).read_text()).get("changed_voxels")
+                res["status"] = "done"
+            except Exception as e:  # noqa: BLE001 - one bad row must not stop the cohort; its error is reported
+                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+                res.update(status="failed", error=f"{type(e).__name__}: {msg}", output_dir="")
+                line = f"row {r['row']} ({r['path']}): error: {res['error']}"
+                if progress:
+                    iterator.write(line, file=sys.stderr)  # above the progress bar, not through it
+                else:
+                    print(line, file=sys.stderr)
+        res["seconds"] = round(time.perf_counter() - t0, 2)
+        results.append(res)
+        _write_summary(out / "summary.csv", results)
+    return results, sum(r["status"] == "failed" for r in results)
