@@ -21,14 +21,15 @@ def bundles_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "bundles"
 
 
-def resolve_bundle(value: str | os.PathLike) -> Path:
+def resolve_bundle(value: str | os.PathLike, needs: str = "configs/metadata.json") -> Path:
     """The bundle folder for a path, a bundle name (``brain_mri_counterfactual``) or an alias (``brain``, ``cxr``,
-    ``chest``); one clear error naming what is accepted otherwise."""
+    ``chest``) that holds ``needs`` (the file the command reads; a model-zoo bundle's ``configs/metadata.json`` by
+    default); one clear error naming what is accepted otherwise."""
     p = Path(value).expanduser()
     if not p.is_dir():
         p = bundles_dir() / ALIASES.get(str(value), str(value))
-    if not (p / "configs" / "metadata.json").is_file():
+    if not (p / needs).is_file():
         known = ", ".join([*BUNDLE_NAMES, *ALIASES])
-        raise FileNotFoundError(f"{str(value)!r} is not a bundle (no configs/metadata.json under {p}); accepted: "
-                                f"{known}, or a bundle folder")
+        where = f"no {needs} under {p}" if p.is_dir() else f"folder {p} does not exist"
+        raise FileNotFoundError(f"{str(value)!r} is not a bundle ({where}); accepted: {known}, or a bundle folder")
     return p

@@ -201,9 +201,30 @@ def run_campaign(
         if stage == "all" and not done["autoencoder"]["complete"]:
             return done
     if stage in ("diffusion", "all"):
+        why = _ceiling_not_met(cdir) if diffusion.get("require_ceiling", True) else None
+        if why:  # a diffusion model cannot beat what its autoencoder cannot carry: do not spend compute on it yet
+            logger.warning("campaign: the diffusion stage waits: %s", why)
+            done["diffusion"] = {"skipped": why}
+            return done
         done["diffusion"] = {k: v for k, v in _train_diffusion(ctx, diffusion, deadline).items() if k != "meta"}
     logger.info("campaign: %s", done)
     return done
+
+
+def _ceiling_not_met(campaign_dir: Path) -> str | None:
+    """Why the autoencoder is not good enough for the diffusion stage, or None: at its last validation the latent
+    oracle inside the true change (``val_oracle_region_l1``) must be closer to the ground truth than the input is."""
+    state = read_state(campaign_dir / "autoencoder.state.pt")
+    if state is None:
+        return "no autoencoder has been trained"
+    m = state.get("metrics") or {}
+    if "val_oracle_region_l1" not in m:
+        return "the autoencoder's ceiling was not measured (no val ground-truth pairs)"
+    if m["val_oracle_region_l1"] >= m["val_input_l1"]:
+        return (f"the autoencoder's ceiling on val pairs ({m['val_oracle_region_l1']:.5f}) is not below the input's L1 to "
+                f"the ground truth ({m['val_input_l1']:.5f}); train it further (raise autoencoder.total_iterations) or "
+                f"set diffusion.require_ceiling false")
+    return None
 
 
 def export_autoencoder(campaign_dir: str | Path, output: str | Path) -> Path:

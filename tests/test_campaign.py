@@ -31,7 +31,8 @@ TINY = [
     "'num_res_blocks': 1, 'attention_levels': [False, True], 'norm_num_groups': 8, 'num_head_channels': [0, 16], "
     "'with_conditioning': True, 'cross_attention_dim': 6}",
     "--diffusion#total_iterations", "4", "--diffusion#batch_size", "2", "--diffusion#warmup", "1",
-    "--diffusion#train_extra#n", "3", "--save_every_iterations", "2", "--threads", "1",
+    "--diffusion#train_extra#n", "3", "--diffusion#require_ceiling", "False", "--save_every_iterations", "2",
+    "--threads", "1",
 ]
 
 
@@ -83,6 +84,13 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
         assert all(np.isfinite(float(r[k])) for k in ("val_recon_l1", "val_input_l1", "val_oracle_l1", "val_oracle_region_l1"))
     assert float(ae_rows[-1]["lr"]) < float(ae_rows[0]["lr"])  # the schedule decays
     assert all(np.isfinite(float(r["val_loss"])) for r in rows if r["stage"] == "diffusion")
+    # the gate before the diffusion stage: the autoencoder's ceiling on val pairs must beat the input
+    from monai_ld.campaign import _ceiling_not_met
+
+    m = _state(a, "autoencoder")["metrics"]
+    why = _ceiling_not_met(a / "campaign")
+    assert (why is None) == (m["val_oracle_region_l1"] < m["val_input_l1"])
+    assert why is None or "not below the input's L1" in why
     rows_b = list(csv.DictReader(open(b / "docs" / "training_log.csv")))
     assert [r["iteration"] for r in rows_b][-2:] == ["2", "4"] and len(rows_b) >= 5  # appended, never rewritten
     # a complete campaign resumes to nothing and exports one model checkpoint
@@ -169,7 +177,7 @@ def test_campaign_config_at_its_real_sizes(tmp_path):
            "--meta_file", str(b / "configs" / "metadata.json"), "--phantoms#n", "8", "--diffusion#train_extra#n", "2",
            "--autoencoder#total_iterations", "2", "--autoencoder#warmup", "1", "--autoencoder#val_images", "2",
            "--autoencoder#val_pairs", "1", "--diffusion#total_iterations", "2", "--diffusion#warmup", "1",
-           "--diffusion#val_images", "2", "--save_every_iterations", "2"]
+           "--diffusion#val_images", "2", "--diffusion#require_ceiling", "False", "--save_every_iterations", "2"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
     d = _state(b, "diffusion")
     assert d["trainer"]["iteration"] == 2 and d["meta"]["train_samples"] == 6 + 2

@@ -248,7 +248,8 @@ def train_stage(
         clock["seconds"] += time.monotonic() - clock["t"]
         states = {k: obj.state_dict() for k, obj in to_save.items() if k != "trainer"}
         states["trainer"] = {"iteration": it, "epoch_length": 1, "max_epochs": plan.total_iterations}
-        atomic_torch_save({**states, "meta": stored, "seconds": clock["seconds"], "plan": asdict(plan)}, state_path)
+        atomic_torch_save({**states, "meta": stored, "seconds": clock["seconds"], "plan": asdict(plan),
+                           "metrics": {k: float(v) for k, v in metrics.items()}}, state_path)
         tail = losses[-50:]
         log.append(name, it, clock["seconds"], optimizer.param_groups[0]["lr"], sum(tail) / len(tail) if tail else None, metrics)
         logger.info("%s: iteration %d saved to %s %s", name, it, state_path, metrics)

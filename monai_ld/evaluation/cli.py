@@ -88,10 +88,8 @@ def _parser(args: argparse.Namespace):
 
     from ..bundles import resolve_bundle
 
-    bundle = resolve_bundle(args.bundle)
+    bundle = resolve_bundle(args.bundle, needs=CONFIG)
     cfg = bundle / CONFIG
-    if not cfg.is_file():
-        raise FileNotFoundError(f"'{cfg}' does not exist: this bundle has no evaluation config")
     parser = ConfigParser()
     parser.read_config(str(cfg))
     parser["bundle_root"] = str(bundle.resolve())
