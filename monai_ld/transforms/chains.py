@@ -39,6 +39,9 @@ __all__ = ["ForegroundAbove", "PreprocessCompose", "brain_mri_transforms", "ches
 
 _INPUT_ERRORS = (ImageLoadError, ImageValidationError, ConditionError)
 
+# MONAI 1.6 warns that Orientation's default labels will change; naming today's (RAS) keeps behaviour and start-up quiet
+RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
 
 class PreprocessCompose(Compose):
     """A :class:`monai.transforms.Compose` that reports bad input as the one clear error that found it.
@@ -131,7 +134,7 @@ def brain_mri_transforms(
     steps: list = []
     if load:
         steps += [LoadMedicalImaged(keys), EnsureChannelFirstd(keys)]
-    steps += [ValidateImaged(keys, spatial_dims=3, num_channels=1), Orientationd(keys, axcodes=axcodes)]
+    steps += [ValidateImaged(keys, spatial_dims=3, num_channels=1), Orientationd(keys, axcodes=axcodes, labels=RAS_LABELS)]
     if pixdim is not None:
         steps.append(Spacingd(keys, pixdim=tuple(pixdim), mode="bilinear"))
     if n4:
