@@ -63,7 +63,7 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         from .cohort import run_cohort
 
         results, failed = run_cohort(pipe, args.input_list, args.output_dir, target, source or None, overwrite=args.overwrite,
-                                     **{k: v for k, v in _settings(args).items() if v is not None})
+                                     batch_size=args.batch_size, **{k: v for k, v in _settings(args).items() if v is not None})
         counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped (done)", "failed")}
         print(f"{len(results)} rows: {counts['done']} done, {counts['skipped (done)']} skipped (finished before), "
               f"{failed} failed; summary: {Path(args.output_dir) / 'summary.csv'}")
@@ -210,6 +210,8 @@ def add_parser(sub) -> None:
                           "columns (each row's source) and edit_mask / keep_mask columns, or a folder of images; one "
                           "output folder per row plus summary.csv; finished rows are skipped on a re-run; exit 1 if any "
                           "row failed")
+    p.add_argument("--batch-size", type=int, default=4, dest="batch_size",
+                   help="with --input-list: inputs edited together in one model batch (default 4)")
     p.add_argument("--target", action="append", metavar="NAME=VALUE", required=True,
                    help="target attribute (repeat); with --source only the changed ones are needed")
     p.add_argument("--source", action="append", metavar="NAME=VALUE",

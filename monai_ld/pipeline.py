@@ -165,22 +165,35 @@ class CounterfactualPipeline:
 
     # -- the edit ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def edit(self, image: torch.Tensor, plan: Mapping[str, Any]):
-        """Counterfactual of preprocessed images ``(B, C, *spatial)`` under a resolved ``plan``; with
-        ``plan["samples"]`` N > 1 a single image ``(1, C, *spatial)`` is edited N times in one batch, sample ``i``
-        drawing its noise from seed ``seed + i``."""
+    def edit(self, image: torch.Tensor, plan: Mapping[str, Any], rows: list[Mapping[str, Any]] | None = None):
+        """Counterfactual of preprocessed images ``(B, C, *spatial)`` under a resolved ``plan``.
+
+        With ``plan["samples"]`` N > 1 a single image ``(1, C, *spatial)`` is edited N times in one batch, sample
+        ``i`` drawing its noise from seed ``seed + i``. ``rows``: one resolved plan per batch item (different inputs
+        with their own source/target, same settings); each item draws from its own generator seeded ``seed``, as if
+        run alone.
+        """
         torch.manual_seed(plan["seed"])
         inferer = self.model.make_inferer(plan["num_inference_steps"])
         n = int(plan.get("samples", 1))
-        generator: torch.Generator | list[torch.Generator] = torch.Generator(device=self.device).manual_seed(plan["seed"])
+        seeded = lambda seed: torch.Generator(device=self.device).manual_seed(seed)  # noqa: E731
+        generator: torch.Generator | list[torch.Generator] = seeded(plan["seed"])
         if n > 1:
-            if image.shape[0] != 1:
+            if image.shape[0] != 1 or rows:
                 raise ValueError(f"samples > 1 edit one image at a time, got a batch of {image.shape[0]}")
             image = image.expand(n, *image.shape[1:])
-            generator = [torch.Generator(device=self.device).manual_seed(plan["seed"] + i) for i in range(n)]
-        b = image.shape[0]
-        target = self.model.condition([plan["target"]] * b)
-        source = self.model.condition([plan["source"]] * b) if plan.get("source") else None
+            generator, rows = [seeded(plan["seed"] + i) for i in range(n)], [plan] * n
+        elif rows:
+            if len(rows) != image.shape[0]:
+                raise ValueError(f"{len(rows)} row plans for a batch of {image.shape[0]}")
+            generator = [seeded(plan["seed"]) for _ in rows]
+        else:
+            rows = [plan] * image.shape[0]
+        target = self.model.condition([r["target"] for r in rows])
+        source = None
+        if any(r.get("source") for r in rows):  # a row without a source abducts under the null condition
+            source = torch.cat([self.model.condition([r["source"]]) if r.get("source") else
+                                torch.full_like(target[:1], -1.0) for r in rows])
         return inferer.counterfactual(
             image.to(self.device), self.model.autoencoder, self.model.unet, source, target,
             strength=plan["strength"], guidance_scale=plan["guidance"], drift=plan["drift"], mode=self.model.mode,
@@ -188,17 +201,9 @@ class CounterfactualPipeline:
             mask_threshold=plan.get("mask_threshold"), generator=generator,
         )
 
-    def __call__(self, input_path: str | os.PathLike, target: Mapping[str, Any], source: Mapping[str, Any] | None = None,
-                 edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
-                 **settings: Any) -> dict[str, Any]:
-        """Counterfactual of the file ``input_path``; returns tensors in the input's space plus the record.
-
-        ``edit_mask`` / ``keep_mask``: label images on the input's grid (nonzero = in): change only inside the edit
-        mask, never inside the keep mask (native output space only).
-        """
-        from .transforms import restore_to_input_space
-
-        plan = self.resolve(target, source, **settings)
+    def prepare(self, input_path: str | os.PathLike, plan: Mapping[str, Any], edit_mask: str | os.PathLike | None = None,
+                keep_mask: str | os.PathLike | None = None) -> dict[str, Any]:
+        """Read and preprocess one input (and its masks) for a resolved ``plan``: everything :meth:`finish` needs."""
         path = Path(input_path)
         if not path.exists():
             raise FileNotFoundError(f"input not found: {path}")
@@ -213,15 +218,36 @@ class CounterfactualPipeline:
         keep = load_mask(keep_mask, native, "keep") if keep_mask is not None else None
         transform = self.transform()
         data = transform({"image": str(path)})
+        return {"path": path, "native": native, "edit": edit, "keep": keep, "edit_mask": edit_mask,
+                "keep_mask": keep_mask, "transform": transform, "data": data, "t0": t0}
+
+    def __call__(self, input_path: str | os.PathLike, target: Mapping[str, Any], source: Mapping[str, Any] | None = None,
+                 edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
+                 **settings: Any) -> dict[str, Any]:
+        """Counterfactual of the file ``input_path``; returns tensors in the input's space plus the record.
+
+        ``edit_mask`` / ``keep_mask``: label images on the input's grid (nonzero = in): change only inside the edit
+        mask, never inside the keep mask (native output space only).
+        """
+        plan = self.resolve(target, source, **settings)
+        prep = self.prepare(input_path, plan, edit_mask, keep_mask)
+        out = self.edit(prep["data"]["image"].unsqueeze(0).float(), plan)
+        return self.finish(prep, plan, out, slice(0, plan["samples"]))
+
+    def finish(self, prep: Mapping[str, Any], plan: Mapping[str, Any], out: Any, rows: slice) -> dict[str, Any]:
+        """Results of one input from the batch items ``rows`` of the edit ``out`` (its N samples)."""
+        from .transforms import restore_to_input_space
+
+        data, transform, native = prep["data"], prep["transform"], prep["native"]
         x = data["image"]
-        out = self.edit(x.unsqueeze(0).float(), plan)
         n = plan["samples"]
-        change = (out.change if out.change is not None else out.difference).cpu()
-        weight = mask_to_image(out.latents["mask"], x.shape[1:]).cpu() if "mask" in out.latents else None
-        model_cf = out.image.float().mean(0).cpu()
-        model_std = out.image.float().std(0).cpu() if n > 1 else None
-        if native_space:
-            res = compose_in_input_space(change, data, transform, native, weight, edit, keep)
+        change = (out.change if out.change is not None else out.difference)[rows].cpu()
+        weight = mask_to_image(out.latents["mask"][rows], x.shape[1:]).cpu() if "mask" in out.latents else None
+        image = out.image[rows].float().cpu()
+        model_cf = image.mean(0)
+        model_std = image.std(0) if n > 1 else None
+        if native is not None:
+            res = compose_in_input_space(change, data, transform, native, weight, prep["edit"], prep["keep"])
             cf_in, diff_in, unc_in, region = res["counterfactual"], res["difference"], res["uncertainty"], res["region"]
             changed = int((cf_in.as_tensor() != native.as_tensor()).sum())
             intensity = (f"the input's own units and dtype ({native.meta[STORED_DTYPE_KEY]}): input + Δ, Δ = the "
@@ -229,12 +255,12 @@ class CounterfactualPipeline:
                          "every other voxel is the input's own")
         else:
             cf_in = restore_to_input_space(model_cf, data, transform)
-            diff_in = restore_to_input_space(out.difference.float().mean(0).cpu(), data, transform)
+            diff_in = restore_to_input_space(out.difference[rows].float().mean(0).cpu(), data, transform)
             unc_in = restore_to_input_space(model_std, data, transform) if model_std is not None else None
             region, changed = None, None
             intensity = "model scale [0, 1] after percentile normalisation (not the input's raw intensities)"
         record = {
-            "input": str(path.resolve()),
+            "input": str(prep["path"].resolve()),
             "model": {"spatial_dims": self.model.spatial_dims, "attributes": self.encoder.to_config(),
                       "preprocessing": {"chain": self.chain_name, **self.chain_kwargs}},
             "source": plan["source"], "source_mode": "given" if plan["source"] else "null (unconditional abduction)",
@@ -244,32 +270,27 @@ class CounterfactualPipeline:
             "abduction": plan["abduction"], "mask_threshold": plan["mask_threshold"], "denoising_steps": out.settings["steps"],
             "output_space": plan["output_space"], "samples": n, "seeds": [plan["seed"] + i for i in range(n)],
             "intensity": intensity,
-            "region": mask_summary(region, edit_mask, keep_mask, plan["mask_threshold"]) if native_space else None,
+            "region": mask_summary(region, prep["edit_mask"], prep["keep_mask"], plan["mask_threshold"])
+            if native is not None else None,
             "changed_voxels": changed,
-            "seconds": round(time.perf_counter() - t0, 2),
+            "seconds": round(time.perf_counter() - prep["t0"], 2),
         }
         return {"counterfactual": cf_in, "difference": diff_in, "uncertainty": unc_in, "region": region,
-                "input": native if native_space else restore_to_input_space(x, data, transform),
+                "input": native if native is not None else restore_to_input_space(x, data, transform),
                 "model_space": {"input": x, "counterfactual": model_cf, "uncertainty": model_std},
                 "record": record, "reference": data["image"]}
 
     # -- writing ----------------------------------------------------------------------------------------------------
-    def run_to_dir(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, target: Mapping[str, Any],
-                   source: Mapping[str, Any] | None = None, overwrite: bool = False,
-                   edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
-                   **settings: Any) -> dict[str, str]:
-        """Compute the counterfactual of ``input_path`` and write the outputs into ``output_dir``; returns their paths."""
-        from .transforms import save_like_input
-
-        plan = self.resolve(target, source, **settings)  # bad settings fail before anything is read
+    def output_paths(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, plan: Mapping[str, Any],
+                     overwrite: bool = False, edit_mask: Any = None, keep_mask: Any = None) -> dict[str, Path]:
+        """The files :meth:`write` will write; raises if one is an input or exists (without ``overwrite``)."""
         out_dir = Path(output_dir)
         inputs = [Path(p).resolve() for p in (input_path, edit_mask, keep_mask) if p is not None]
-        is_2d = self.model.spatial_dims == 2
         names = {"counterfactual": "counterfactual.nii.gz", "difference": "difference.nii.gz", "figure": "figure.png",
                  "record": "record.json"}
         if plan["samples"] > 1:
             names["uncertainty"] = "uncertainty.nii.gz"
-        if is_2d:
+        if self.model.spatial_dims == 2:
             names.update(counterfactual_png="counterfactual.png", difference_png="difference.png")
         targets = {k: out_dir / v for k, v in names.items()}
         for p in targets.values():
@@ -277,15 +298,21 @@ class CounterfactualPipeline:
                 raise ValueError(f"refusing to write {p}: it is an input file")
             if p.exists() and not overwrite:
                 raise FileExistsError(f"{p} exists; choose another --output-dir or pass overwrite")
-        result = self(input_path, target, source, edit_mask=edit_mask, keep_mask=keep_mask, **settings)
-        out_dir.mkdir(parents=True, exist_ok=True)  # everything computed before anything is written
+        return targets
+
+    def write(self, result: Mapping[str, Any], targets: Mapping[str, Path], input_path: str | os.PathLike,
+              overwrite: bool = False) -> dict[str, str]:
+        """Write a computed ``result`` to ``targets`` (:meth:`output_paths`); ``record.json`` last (= finished)."""
+        from .transforms import save_like_input
+
+        targets["record"].parent.mkdir(parents=True, exist_ok=True)
         ref, cf, native = result["reference"], result["counterfactual"], result["record"]["output_space"] == "native"
         dtype = np.dtype(cf.meta[STORED_DTYPE_KEY]) if native else np.float32
         save_like_input(cf, targets["counterfactual"], reference=ref, overwrite=overwrite, dtype=dtype)
         save_like_input(result["difference"], targets["difference"], reference=ref, overwrite=overwrite)
         if result["uncertainty"] is not None:
             save_like_input(result["uncertainty"], targets["uncertainty"], reference=ref, overwrite=overwrite)
-        if is_2d:
+        if self.model.spatial_dims == 2:
             if native:
                 write_native_png(cf, targets["counterfactual_png"], cf.meta[STORED_DTYPE_KEY])
             else:
@@ -295,6 +322,16 @@ class CounterfactualPipeline:
         record = {**result["record"], "outputs": {k: str(v) for k, v in targets.items()}}
         atomic_write(targets["record"], lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2)))
         return {k: str(v) for k, v in targets.items()}
+
+    def run_to_dir(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, target: Mapping[str, Any],
+                   source: Mapping[str, Any] | None = None, overwrite: bool = False,
+                   edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
+                   **settings: Any) -> dict[str, str]:
+        """Compute the counterfactual of ``input_path`` and write the outputs into ``output_dir``; returns their paths."""
+        plan = self.resolve(target, source, **settings)  # bad settings fail before anything is read
+        targets = self.output_paths(input_path, output_dir, plan, overwrite, edit_mask, keep_mask)
+        result = self(input_path, target, source, edit_mask=edit_mask, keep_mask=keep_mask, **settings)
+        return self.write(result, targets, input_path, overwrite)  # everything computed before anything is written
 
 
 def _figure(result: Mapping[str, Any], path: Path, spatial_dims: int) -> None:
