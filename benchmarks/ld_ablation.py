@@ -34,7 +34,7 @@ from ld_ablation_parts.measure import (FINDING, Judge, counterfactuals, generate
                                        search_sampling_drift)
 
 from monai_ld.evaluation import downstream_auc, drift_grid, train_oracle  # noqa: E402
-from monai_ld.evaluation.drift_search import search_drift  # noqa: E402
+from monai_ld.evaluation.drift_search import mean_image_l1, search_drift  # noqa: E402
 from monai_ld.networks.model import ConditionalLDM  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,20 +45,21 @@ BASE = ROOT / "bundles/chest_xray_counterfactual/models/model.pt"
 class Config:
     n_finetune: int = 64
     n_val: int = 32
-    n_val_gen: int = 24
+    n_val_gen: int = 16
     n_test: int = 96
-    n_gen: int = 64
-    n_pairs: int = 24
+    n_gen: int = 48
+    n_pairs: int = 16
     n_oracle: int = 192
     n_source: int = 96
     steps: int = 10
     cf_steps: int = 10
-    ft_iters: int = 60
+    ft_iters: int = 50
     ft_batch: int = 8
     lr: dict = dataclasses.field(default_factory=lambda: {"full": 3e-4, "embedding": 3e-3, "lora": 2e-3})
-    clf_epochs: int = 10
+    clf_epochs: int = 8
     oracle_epochs: int = 15
     seeds: tuple = (0, 1, 2)
+    train_search_scheme: str = "full"
     drifts: tuple = tuple(drift_grid(-0.2, 0.2, 0.05))
 
 
@@ -95,6 +96,8 @@ def main() -> None:
     ap.add_argument("--out-dir", default=str(ROOT / "docs"), help="writes ld_ablation.{json,md} and images/ld_ablation.png")
     ap.add_argument("--work-dir", default="/tmp/ld_ablation_work", help="fine-tuned checkpoints (deleted cell by cell)")
     ap.add_argument("--base", default=str(BASE), help="the source-domain pre-trained ConditionalLDM")
+    ap.add_argument("--resume", action="store_true", help="keep the cells, δ searches and fine-tunes of an interrupted "
+                    "run with the same config in --work-dir (checkpoints there are reused by name)")
     ap.add_argument("--report-only", action="store_true", help="rebuild the .md and the plot from the existing .json")
     args = ap.parse_args()
     out = Path(args.out_dir)
@@ -127,8 +130,9 @@ def main() -> None:
     judge = Judge(oracle, test_images, test_rows, pairs, dom.encoder, cfg)
     pred = oracle.predict(test_images)[FINDING]
     oracle_acc = float((pred == judge.test_labels).float().mean())
-    real_auc = downstream_auc(ft_images, [int(r[FINDING]) for r in ft_rows], test_images, judge.test_labels,
-                              epochs=cfg.clf_epochs, seed=0)["auc_synthetic"]  # the same classifier on the real fine-tune set
+    pool = torch.nn.functional.avg_pool2d  # the same classifier as the cells', on the real fine-tune set
+    real_auc = downstream_auc(pool(ft_images, 2), [int(r[FINDING]) for r in ft_rows], pool(test_images, 2),
+                              judge.test_labels, epochs=cfg.clf_epochs, seed=0)["auc_synthetic"]
     shift = domain_shift(dom, judge, cfg)
     lap("oracle+shift", t0)
     log(f"oracle test accuracy ({FINDING}) {oracle_acc:.3f}; real-data AUC {real_auc:.3f}; shift {json.dumps(shift['source_vs_target'])} vs {json.dumps(shift['target_vs_target'])}")
@@ -139,58 +143,68 @@ def main() -> None:
     cells: dict = {}
     searches: dict = {"training": {}, "sampling": {}}
     chosen: dict = {}
+    if args.resume and (work / "partial.json").is_file():  # cells, searches and δ of an interrupted run
+        old = json.loads((work / "partial.json").read_text())
+        cells = {k: {int(s): v for s, v in c.items()} for k, c in old["cells"].items()}
+        searches, chosen, timings = old["searches"], old["chosen"], old.get("timings_s", {})
+        t_start -= old.get("elapsed_s", 0.0)  # the wall time counts the interrupted run too
+        log(f"resumed {sum(len(c) for c in cells.values())} cells from {work / 'partial.json'}")
 
     def score(name, model, drift, seed):
+        if seed in cells.get(name, {}):
+            return  # resumed
         t = time.perf_counter()
         imgs = generate(model, gen_rows, drift, 1000 + seed, cfg.steps)
         cf = counterfactuals(model, pairs, drift, seed, cfg)
         m = judge.cell(imgs, gen_rows, cf, seed)
         cells.setdefault(name, {})[seed] = {**m, "drift_sampling": drift}
         lap("score", t)
+        # progress on disk: a run stopped early still leaves every finished cell
+        (work / "partial.json").write_text(json.dumps({"cells": cells, "searches": searches, "chosen": chosen,
+                                                       "timings_s": timings, "elapsed_s": time.perf_counter() - t_start},
+                                                      default=float))
         log(f"{name} seed {seed}: " + ", ".join(f"{k} {v:.4g}" for k, v in m.items()))
 
     # base model: δ = 0 and sampling-only δ
     t0 = time.perf_counter()
-    searches["sampling"]["base"] = search_sampling_drift(base, val_gen_rows, val_images, judge, drifts, 7, cfg.steps)
-    chosen["base"] = {"sampling": searches["sampling"]["base"]["best_drift"]}
+    if "base" not in chosen:
+        searches["sampling"]["base"] = search_sampling_drift(base, val_gen_rows, val_images, judge, drifts, 7, cfg.steps)
+        chosen["base"] = {"sampling": searches["sampling"]["base"]["best_drift"]}
     lap("delta_search", t0)
     for seed in cfg.seeds:
-        score("base/off", base, 0.0, seed)
-        score("base/sample", base, chosen["base"]["sampling"], seed)
+        if seed not in cells.get("base/sample", {}):
+            score("base/off", base, 0.0, seed)
+            score("base/sample", base, chosen["base"]["sampling"], seed)
 
-    for scheme in report.SCHEMES:
-        # training δ: seed-0 fine-tunes over the grid, each sampled at its own δ (the paper's LD) on val
-        t0 = time.perf_counter()
-        paths = {}
-
-        def tuned(d, scheme=scheme):
-            paths[d] = work / f"{scheme}_seed0_d{d:+.2f}.pt"
-            m = run_finetune(samples, Path(args.base), paths[d], scheme, d, 0, cfg)
-            return generate(m, val_gen_rows, d, 7, cfg.steps)
-
-        from monai_ld.evaluation.drift_search import mean_image_l1
-
+    # training δ: searched once, with seed-0 fine-tunes of one scheme over the grid, each sampled at its own δ (the
+    # paper's LD) on val; a search per scheme would triple the most expensive part of the run
+    t0 = time.perf_counter()
+    tune = lambda scheme, d, seed: run_finetune(samples, Path(args.base), work / f"{scheme}_seed{seed}_d{d:+.2f}.pt",  # noqa: E731
+                                                scheme, d, seed, cfg)
+    if cfg.train_search_scheme not in searches["training"]:
         vf = judge.oracle.features(val_images)
-        searches["training"][scheme] = search_drift(
-            tuned, lambda g: {"objective": mean_image_l1(g, val_images), **judge.realism(g, vf)}, drifts)
-        d_train = searches["training"][scheme]["best_drift"]
-        ld_model = ConditionalLDM.load(paths[d_train])
-        searches["sampling"][scheme] = search_sampling_drift(ld_model, val_gen_rows, val_images, judge, drifts, 7, cfg.steps)
-        d_sample = searches["sampling"][scheme]["best_drift"]
-        chosen[scheme] = {"training": d_train, "sampling": d_sample}
-        lap("delta_search", t0)
-        log(f"{scheme}: chosen training δ {d_train}, sampling δ {d_sample}")
+        searches["training"][cfg.train_search_scheme] = search_drift(
+            lambda d: generate(tune(cfg.train_search_scheme, d, 0), val_gen_rows, d, 7, cfg.steps),
+            lambda g: {"objective": mean_image_l1(g, val_images), **judge.realism(g, vf)}, drifts)
+    d_train = searches["training"][cfg.train_search_scheme]["best_drift"]
+    lap("delta_search", t0)
+    log(f"chosen training δ {d_train} ({cfg.train_search_scheme}, seed 0)")
+    for scheme in report.SCHEMES:
         for seed in cfg.seeds:
+            if all(seed in cells.get(f"{scheme}/{a}", {}) for a in report.LD_ARMS):
+                continue  # resumed
             t = time.perf_counter()
-            if seed == 0:
-                off, on = ConditionalLDM.load(paths[0.0]), ld_model
-            else:
-                off = run_finetune(samples, Path(args.base), work / f"{scheme}_s{seed}_off.pt", scheme, 0.0, seed, cfg)
-                on = run_finetune(samples, Path(args.base), work / f"{scheme}_s{seed}_ld.pt", scheme, d_train, seed, cfg)
+            off, on = tune(scheme, 0.0, seed), tune(scheme, d_train, seed)
             lap("finetune", t)
+            if scheme not in chosen:  # sampling δ: per scheme, on its seed-0 model fine-tuned with the training δ
+                t = time.perf_counter()
+                searches["sampling"][scheme] = search_sampling_drift(on, val_gen_rows, val_images, judge, drifts, 7, cfg.steps)
+                chosen[scheme] = {"training": d_train, "sampling": searches["sampling"][scheme]["best_drift"]}
+                lap("delta_search", t)
+                log(f"{scheme}: sampling δ {chosen[scheme]['sampling']}")
             score(f"{scheme}/off", off, 0.0, seed)
             score(f"{scheme}/train", on, 0.0, seed)
-            score(f"{scheme}/train+sample", on, d_sample, seed)
+            score(f"{scheme}/train+sample", on, chosen[scheme]["sampling"], seed)
         for p in work.glob(f"{scheme}_*.pt"):
             p.unlink()
 
