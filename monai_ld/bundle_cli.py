@@ -39,6 +39,11 @@ def _print_outputs(outputs: dict, record_path: str) -> None:
     rec = json.loads(Path(record_path).read_text())
     print(f"counterfactual of {rec['input']}")
     print(f"  source: {rec['source'] or 'null (unconditional abduction)'}")
+    if rec.get("source_estimate"):
+        est = rec["source_estimate"]
+        conf = ", ".join(f"{k} p={v:.2f}" for k, v in est["confidence"].items() if v is not None)
+        print(f"  source estimated by the attribute predictor: {est['values']} ({conf}); given values kept: "
+              f"{est['given'] or 'none'}")
     print(f"  target: {rec['target']}")
     print(f"  drift={rec['drift']} strength={rec['strength']} guidance={rec['guidance']} seed={rec['seed']} "
           f"steps={rec['num_inference_steps']} samples={rec.get('samples', 1)} ({rec['seconds']} s)")
@@ -55,7 +60,9 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     from .pipeline import CounterfactualPipeline, parse_attribute_args
 
     bundle = resolve_bundle(args.bundle)
-    target, source = parse_attribute_args(args.target), parse_attribute_args(args.source)
+    auto = any(s.strip().lower() == "auto" for s in args.source or [])
+    target = parse_attribute_args(args.target)
+    source = parse_attribute_args([s for s in args.source or [] if s.strip().lower() != "auto"])
     if args.input_list and (args.edit_mask or args.keep_mask):
         raise ValueError("with --input-list give masks per row (CSV columns edit_mask / keep_mask), not --edit-mask/--keep-mask")
     pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
@@ -63,14 +70,14 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
         from .cohort import run_cohort
 
         results, failed = run_cohort(pipe, args.input_list, args.output_dir, target, source or None, overwrite=args.overwrite,
-                                     batch_size=args.batch_size, **{k: v for k, v in _settings(args).items() if v is not None})
+                                     batch_size=args.batch_size, estimate_source=auto, **{k: v for k, v in _settings(args).items() if v is not None})
         counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped (done)", "failed")}
         print(f"{len(results)} rows: {counts['done']} done, {counts['skipped (done)']} skipped (finished before), "
               f"{failed} failed; summary: {Path(args.output_dir) / 'summary.csv'}")
         return 1 if failed else 0
     outputs = pipe.run_to_dir(args.input, args.output_dir, target=target, source=source or None,
                               overwrite=args.overwrite, edit_mask=args.edit_mask, keep_mask=args.keep_mask,
-                              **{k: v for k, v in _settings(args).items() if v is not None})
+                              estimate_source=auto, **{k: v for k, v in _settings(args).items() if v is not None})
     _print_outputs(outputs, outputs["record"])
     return 0
 
@@ -215,7 +222,9 @@ def add_parser(sub) -> None:
     p.add_argument("--target", action="append", metavar="NAME=VALUE", required=True,
                    help="target attribute (repeat); with --source only the changed ones are needed")
     p.add_argument("--source", action="append", metavar="NAME=VALUE",
-                   help="the input's own attributes (repeat); without it the abduction runs under the null condition")
+                   help="the input's own attributes (repeat); 'auto': the bundle's attribute predictor estimates the "
+                        "ones not given (recorded with their confidence); without --source the abduction runs under "
+                        "the null condition")
     p.add_argument("--output-dir", required=True)
     p.add_argument("--edit-mask", dest="edit_mask", metavar="FILE",
                    help="label image on the input's grid (NIfTI / NRRD / PNG, nonzero = in): change only here")

@@ -111,12 +111,14 @@ def _edit_batch(pipe: Any, ready: list[tuple]) -> list[tuple[Any, slice]]:
 
 def run_cohort(pipe: Any, input_list: str | os.PathLike, output_dir: str | os.PathLike, target: Mapping[str, Any],
                source: Mapping[str, Any] | None = None, overwrite: bool = False, progress: bool = True,
-               batch_size: int = 4, **settings: Any) -> tuple[list[dict[str, Any]], int]:
+               batch_size: int = 4, estimate_source: bool = False, **settings: Any) -> tuple[list[dict[str, Any]], int]:
     """Run every row, ``batch_size`` inputs per model batch; returns the summary rows (input order) and the number of
     failed rows (``summary.csv`` is rewritten after each batch).
 
-    ``source`` fills attributes a row leaves out; ``overwrite`` recomputes finished rows too.
+    ``source`` fills attributes a row leaves out; ``estimate_source``: the attribute predictor estimates what both
+    leave out (:func:`monai_ld.estimate.estimate_source`); ``overwrite`` recomputes finished rows too.
     """
+    from .estimate import estimate_source as _estimate
     from .conditioning import ConditionError
 
     if int(batch_size) < 1:
@@ -158,9 +160,13 @@ def run_cohort(pipe: Any, input_list: str | os.PathLike, output_dir: str | os.Pa
         ready = []
         for r in pending[i : i + int(batch_size)]:
             try:
-                plan = pipe.resolve(target, {**(source or {}), **r["source"]} or None, **settings)
+                src, est = {**(source or {}), **r["source"]}, None
+                if estimate_source:
+                    src, est = _estimate(pipe, r["path"], src)
+                plan = pipe.resolve(target, src or None, **settings)
                 paths = pipe.output_paths(r["path"], out / r["id"], plan, True, r["edit_mask"], r["keep_mask"])
-                ready.append((r, plan, paths, pipe.prepare(r["path"], plan, r["edit_mask"], r["keep_mask"])))
+                prep = pipe.prepare(r["path"], plan, r["edit_mask"], r["keep_mask"])
+                ready.append((r, {**plan, "source_estimate": est}, paths, prep))
             except Exception as e:  # noqa: BLE001 - one bad row must not stop the cohort; its error is reported
                 report(r, {"status": "failed", "error": _error(e)})
         try:
@@ -171,7 +177,11 @@ def run_cohort(pipe: Any, input_list: str | os.PathLike, output_dir: str | os.Pa
                 report(r, {"status": "failed", "error": _error(e)})
         for (r, plan, paths, prep), (edit_out, sl) in zip(ready, edits):
             try:
-                written = pipe.write(pipe.finish(prep, plan, edit_out, sl), paths, r["path"], overwrite=True)
+                result = pipe.finish(prep, plan, edit_out, sl)
+                if plan["source_estimate"] is not None:
+                    result["record"].update(source_mode="estimated by the attribute predictor",
+                                            source_estimate=plan["source_estimate"])
+                written = pipe.write(result, paths, r["path"], overwrite=True)
                 changed = json.loads(Path(written["record"]).read_text()).get("changed_voxels")
                 report(r, {"status": "done", "changed_voxels": changed,
                            "seconds": round((time.perf_counter() - t0) / len(ready), 2)})

@@ -99,10 +99,13 @@ class CounterfactualPipeline:
         prep = dict(model.meta.get("preprocessing", {}))
         self.chain_name = prep.pop("chain", "brain_mri" if model.spatial_dims == 3 else "chest_xray")
         self.chain_kwargs = prep
+        self.checkpoint: Path | None = None  # set by from_checkpoint (the attribute predictor lies beside it)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **defaults: Any) -> CounterfactualPipeline:
-        return cls(ConditionalLDM.load(path, map_location=device), {k: v for k, v in defaults.items() if v is not None}, device)
+        pipe = cls(ConditionalLDM.load(path, map_location=device), {k: v for k, v in defaults.items() if v is not None}, device)
+        pipe.checkpoint = Path(path)
+        return pipe
 
     @property
     def encoder(self):
@@ -326,11 +329,24 @@ class CounterfactualPipeline:
     def run_to_dir(self, input_path: str | os.PathLike, output_dir: str | os.PathLike, target: Mapping[str, Any],
                    source: Mapping[str, Any] | None = None, overwrite: bool = False,
                    edit_mask: str | os.PathLike | None = None, keep_mask: str | os.PathLike | None = None,
-                   **settings: Any) -> dict[str, str]:
-        """Compute the counterfactual of ``input_path`` and write the outputs into ``output_dir``; returns their paths."""
+                   estimate_source: bool = False, **settings: Any) -> dict[str, str]:
+        """Compute the counterfactual of ``input_path`` and write the outputs into ``output_dir``; returns their paths.
+
+        ``estimate_source``: the attributes ``source`` leaves out are estimated by the bundle's attribute predictor
+        (:func:`monai_ld.estimate.estimate_source`; recorded with their confidence)."""
+        estimate = None
+        if estimate_source:
+            from .estimate import estimate_source as _estimate
+
+            if not Path(input_path).exists():
+                raise FileNotFoundError(f"input not found: {input_path}")
+            source, estimate = _estimate(self, input_path, source)
         plan = self.resolve(target, source, **settings)  # bad settings fail before anything is read
         targets = self.output_paths(input_path, output_dir, plan, overwrite, edit_mask, keep_mask)
         result = self(input_path, target, source, edit_mask=edit_mask, keep_mask=keep_mask, **settings)
+        if estimate is not None:
+            result["record"].update(source_mode=f"estimated by the attribute predictor (given: {estimate['given'] or 'none'})",
+                                    source_estimate=estimate)
         return self.write(result, targets, input_path, overwrite)  # everything computed before anything is written
 
 

@@ -246,3 +246,21 @@ def test_cohort_mode_resumes_and_reports_the_bad_row(tmp_path, capsys):
     assert main(cmd) == 1  # the bad row still fails; the finished ones are not recomputed
     summary = list(csv.DictReader(open(tmp_path / "out" / "summary.csv")))
     assert [r["status"] for r in summary].count("skipped (done)") == 7
+
+
+def test_source_auto_estimates_what_is_not_given(tmp_path, capsys):
+    """--source auto on a radiograph: the bundle's attribute predictor fills the source, given values win, and the
+    estimate with its confidence is recorded."""
+    from monai_ld.cli import main
+
+    a = np.asarray(Image.open(CXR / "sample_data" / "phantom_test_radiograph.png"))[5:125, 20:110]
+    Image.fromarray(a).save(tmp_path / "crop.png")
+    rc = main(["counterfactual", "--bundle", "cxr", "--input", str(tmp_path / "crop.png"), "--source", "auto",
+               "--source", "sex=M", "--target", "cardiomegaly=1", "--steps", "2", "--output-dir", str(tmp_path / "o")])
+    assert rc == 0 and "estimated by the attribute predictor" in capsys.readouterr().out
+    rec = json.loads((tmp_path / "o" / "record.json").read_text())
+    est = rec["source_estimate"]
+    assert rec["source"]["sex"] == "M" and est["given"] == ["sex"] and est["values"]["sex"] == "F"  # given wins
+    assert set(rec["source"]) == set(est["values"]) and rec["source"]["age"] == est["values"]["age"]
+    assert est["confidence"]["age"] is None and 0.5 <= est["confidence"]["cardiomegaly"] <= 1.0
+    assert rec["target"]["cardiomegaly"] == "1" and rec["target"]["pneumonia"] == rec["source"]["pneumonia"]

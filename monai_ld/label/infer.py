@@ -136,8 +136,10 @@ class CounterfactualInferTask(InferTask):
             if not cached:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 try:
+                    # no source in the request: the bundle's attribute predictor estimates it (when it has one)
+                    auto = not req.source and (self.checkpoint.parent / "oracle.pt").is_file()
                     self.pipeline.run_to_dir(image_path, run_dir, req.target, req.source or None, overwrite=True,
-                                             edit_mask=label, **settings)
+                                             edit_mask=label, estimate_source=auto, **settings)
                 except (ValueError, FileNotFoundError) as e:  # e.g. a 2D image sent to a 3D model
                     raise RequestError(f"cannot make a counterfactual of {image_id!r} with {self.name}: {e}") from None
         record = json.loads(record_file.read_text())
