@@ -131,16 +131,21 @@ def _campaign(bundle: Path, args: argparse.Namespace) -> int:
                            parser.get_parsed_content("preprocessing"), parser.get_parsed_content("defaults"))
         print(f"exported the campaign's model to {out}")
         return 0
+    ignored = [f for f, v in (("--max-iterations", args.max_iterations), ("--drift", args.drift)) if v is not None]
+    if ignored or args.nproc != 1:
+        raise ValueError(f"{', '.join(ignored + (['--nproc'] if args.nproc != 1 else []))} do(es) not apply to --campaign: "
+                         f"the plan is in {cfg} (override its keys with python -m monai.bundle run)")
     return _bundle_run(bundle, ["campaign.json"], {"stage": args.stage, "budget_min": args.budget_min, "seed": args.seed,
-                                                   "threads": args.threads, "save_every_min": args.save_every_min})
+                                                   "threads": args.threads, "save_every_min": args.save_every_min,
+                                                   "device": args.device})
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     bundle = resolve_bundle(args.bundle)
     if args.campaign or args.export:
         return _campaign(bundle, args)
-    if args.budget_min is not None or args.threads is not None or args.save_every_min is not None:
-        raise ValueError("--budget-min, --threads and --save-every-min apply to --campaign runs")
+    if args.budget_min is not None or args.threads is not None or args.save_every_min is not None or args.device:
+        raise ValueError("--budget-min, --threads, --save-every-min and --device apply to --campaign runs")
     stages = {"autoencoder": ["train_autoencoder.json"], "diffusion": ["train_diffusion.json"],
               "all": ["train_autoencoder.json", "train_diffusion.json"]}[args.stage]
     for cfg in stages:
@@ -246,6 +251,7 @@ def add_parser(sub) -> None:
     g.add_argument("--budget-min", type=float, dest="budget_min", help="wall-clock budget in minutes (default: the config's)")
     g.add_argument("--save-every-min", type=float, dest="save_every_min", help="checkpoint interval in minutes")
     g.add_argument("--threads", type=int, help="torch CPU threads")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
     g.add_argument("--export", metavar="FILE", help="write the campaign's autoencoder + diffusion model as one checkpoint")
     p.set_defaults(func=cmd_train)
 

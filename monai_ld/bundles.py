@@ -26,7 +26,8 @@ def resolve_bundle(value: str | os.PathLike, needs: str = "configs/metadata.json
     ``chest``) that holds ``needs`` (the file the command reads; a model-zoo bundle's ``configs/metadata.json`` by
     default); one clear error naming what is accepted otherwise."""
     p = Path(value).expanduser()
-    if not p.is_dir():
+    known_name = str(value) in ALIASES or str(value) in BUNDLE_NAMES
+    if not p.is_dir() or (known_name and not (p / needs).is_file()):  # a same-named folder in the cwd does not hide it
         p = bundles_dir() / ALIASES.get(str(value), str(value))
     if not (p / needs).is_file():
         known = ", ".join([*BUNDLE_NAMES, *ALIASES])

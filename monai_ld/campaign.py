@@ -55,8 +55,10 @@ def _autoencoder_metrics(ae: torch.nn.Module, val_images: torch.Tensor, pairs: S
     """Val reconstruction L1 and, on val's ground-truth pairs, the ceiling the autoencoder allows: the input's L1 to
     the truth next to ``x + D(E(gt)) - D(E(x))`` (anywhere, and kept inside the true change grown by 2 voxels, as
     ``benchmarks/gt_check.py --ceilings`` computes it)."""
+    dev = next(ae.parameters()).device
+
     def auto(x):
-        return torch.cat([ae.decode(ae.encode(x[i : i + 1])[0]) for i in range(x.shape[0])])
+        return torch.cat([ae.decode(ae.encode(x[i : i + 1].to(dev))[0]).cpu() for i in range(x.shape[0])])
 
     out = {"val_recon_l1": float((auto(val_images) - val_images).abs().mean())}
     if pairs:
@@ -103,22 +105,30 @@ def _train_autoencoder(ctx: dict, section: Mapping[str, Any], deadline: float) -
                        **ctx["save"])
 
 
-def _latents(ae: torch.nn.Module, samples: Sequence[Mapping[str, Any]], sf: float) -> list[dict]:
-    z = encode_latents(ae, samples)
-    return [{"image": zi * sf, "condition": s["condition"]} for zi, s in zip(z, samples)]
+def _latents(ae: torch.nn.Module, samples: Sequence[Mapping[str, Any]], device: str, sf: float | None) -> tuple[list[dict], float]:
+    """Posterior-mean latents of ``samples``, scaled by ``sf`` (or ``1/std`` of these latents when ``sf`` is None)."""
+    z = encode_latents(ae, samples, device=device)
+    sf = scale_factor_from_latents(z) if sf is None else sf
+    return [{"image": zi * sf, "condition": s["condition"]} for zi, s in zip(z, samples)], sf
+
+
+def _autoencoder_iteration(campaign_dir: Path) -> int:
+    state = read_state(campaign_dir / "autoencoder.state.pt")
+    return -1 if state is None else int(state["trainer"]["iteration"])
 
 
 def _denoising_loss(unet: torch.nn.Module, scheduler: Any, val: Sequence[Mapping[str, Any]], seed: int = 1234) -> dict:
     """Val MSE of the noise prediction at fixed noise and 4 fixed timesteps per latent, under the true condition:
     comparable across checkpoints (the training loss is not: random timesteps, dropped conditions)."""
     g = torch.Generator().manual_seed(seed)
-    z = torch.stack([v["image"] for v in val])
-    cond = torch.stack([v["condition"] for v in val])
+    dev = next(unet.parameters()).device
+    z = torch.stack([v["image"] for v in val]).to(dev)
+    cond = torch.stack([v["condition"] for v in val]).to(dev)
     losses = []
     with torch.no_grad():
         for t in (50, 250, 500, 750):
-            noise = torch.randn(z.shape, generator=g)
-            ts = torch.full((z.shape[0],), t, dtype=torch.long)
+            noise = torch.randn(z.shape, generator=g).to(dev)  # drawn on the CPU: the same numbers on any device
+            ts = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
             pred = unet(scheduler.add_noise(z, noise, ts), timesteps=ts, context=cond)
             losses.append(float(((pred - noise) ** 2).mean()))
     return {"val_loss": sum(losses) / len(losses), **{f"val_loss_t{t}": v for t, v in zip((50, 250, 500, 750), losses)}}
@@ -128,6 +138,11 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     plan = _plan(section)
     ae = campaign_autoencoder(ctx["dir"])
     prior = read_state(ctx["dir"] / "diffusion.state.pt")
+    ae_it = _autoencoder_iteration(ctx["dir"])
+    if prior is not None and int(prior["meta"].get("autoencoder_iteration", ae_it)) != ae_it:
+        raise ValueError(f"the diffusion state was trained on the autoencoder at iteration "
+                         f"{prior['meta']['autoencoder_iteration']}, but the autoencoder is now at {ae_it}: its latents "
+                         f"changed. Move {ctx['dir'] / 'diffusion.state.pt'} away to start the diffusion stage afresh")
     samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
     extra = section.get("train_extra")
     if extra:  # more training subjects: other identities (another seed), every row of that set is training data
@@ -135,11 +150,11 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
                             int(extra["seed"]), ())
         samples += load_samples(m, None, ctx["preprocessing"], ctx["attributes"])
     val = load_samples(ctx["manifest"], "val", ctx["preprocessing"], ctx["attributes"], limit=section.get("val_images", 16))
-    if prior is not None:
-        sf = float(prior["meta"]["scale_factor"])  # fixed at the stage's start: the model learnt this scale
-    else:
-        sf = scale_factor_from_latents(encode_latents(ae, samples))
-    train_lat, val_lat = _latents(ae, samples, sf), _latents(ae, val, sf)
+    # the scale is fixed at the stage's start (the model learnt it); the latents are encoded once per session
+    sf = float(prior["meta"]["scale_factor"]) if prior is not None else None
+    train_lat, sf = _latents(ae, samples, ctx["save"]["device"], sf)
+    val_lat, _ = _latents(ae, val, ctx["save"]["device"], sf)
+    del samples, val
     seed = ctx["seed"]
     torch.manual_seed(seed)
     ucfg = dict(section["unet"])
@@ -149,7 +164,8 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     prepare = LatentDriftPrepareBatch(scheduler, drift=float(section.get("drift", 0.0)),
                                       drift_target=section.get("drift_target", "shifted"),
                                       condition_dropout=float(section.get("condition_dropout", 0.15)), generator=g_noise)
-    meta = {"train_samples": len(samples), "unet": ucfg, "scheduler": dict(section["scheduler"]), "scale_factor": sf,
+    meta = {"train_samples": len(train_lat), "autoencoder_iteration": ae_it, "unet": ucfg,
+            "scheduler": dict(section["scheduler"]), "scale_factor": sf,
             "drift": float(section.get("drift", 0.0)), "drift_target": section.get("drift_target", "shifted")}
     return train_stage("diffusion", unet, RandomBatches(train_lat, plan.batch_size, g_batches), torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
@@ -206,6 +222,9 @@ def run_campaign(
             logger.warning("campaign: the diffusion stage waits: %s", why)
             done["diffusion"] = {"skipped": why}
             return done
+        if deadline - time.monotonic() < 60.0 * float(diffusion.get("setup_min", 15)):
+            done["diffusion"] = {"skipped": "less budget left than the diffusion stage's setup (data, latents) takes"}
+            return done
         done["diffusion"] = {k: v for k, v in _train_diffusion(ctx, diffusion, deadline).items() if k != "meta"}
     logger.info("campaign: %s", done)
     return done
@@ -246,6 +265,9 @@ def export_model(campaign_dir: str | Path, output: str | Path, attributes: Seque
     if ae_state is None or d_state is None:
         raise FileNotFoundError(f"{campaign_dir} lacks a finished autoencoder or any diffusion state")
     m = d_state["meta"]
+    if int(m.get("autoencoder_iteration", ae_state["trainer"]["iteration"])) != int(ae_state["trainer"]["iteration"]):
+        raise ValueError(f"the diffusion model was trained on the autoencoder at iteration {m['autoencoder_iteration']}, "
+                         f"not on the current one ({ae_state['trainer']['iteration']}): exporting them together is wrong")
     record = {k: {"iterations": int(s["trainer"]["iteration"]), "seconds": round(float(s["seconds"]), 1), "plan": s["plan"]}
               for k, s in (("autoencoder", ae_state), ("diffusion", d_state))}
     model = ConditionalLDM(ae_state["meta"]["config"], m["unet"], list(attributes), scale_factor=m["scale_factor"],

@@ -166,6 +166,8 @@ def test_campaign_cli_errors(capsys):
     assert "no training campaign" in capsys.readouterr().err
     assert cli_main(["train", "--bundle", "brain", "--budget-min", "5"]) == 2
     assert "--campaign" in capsys.readouterr().err
+    assert cli_main(["train", "--bundle", "brain", "--campaign", "--nproc", "2", "--drift", "0.1"]) == 2
+    assert "--drift, --nproc do(es) not apply to --campaign" in capsys.readouterr().err
 
 
 @pytest.mark.slow

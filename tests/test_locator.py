@@ -30,3 +30,9 @@ def test_unknown_bundle_one_clear_error(argv, capsys):
     assert cli_main([argv[0], "--bundle", "liver", *argv[1:]]) == 2
     err = capsys.readouterr().err
     assert "'liver' is not a bundle" in err and "brain" in err and "cxr" in err
+
+
+def test_a_same_named_folder_in_the_cwd_does_not_hide_the_bundle(tmp_path, monkeypatch):
+    (tmp_path / "brain").mkdir()  # e.g. a folder of the user's scans
+    monkeypatch.chdir(tmp_path)
+    assert resolve_bundle("brain").name == BUNDLE_NAMES[0]

@@ -156,14 +156,14 @@ class CampaignLog:
         rows, cols = [], list(self.COLUMNS)
         if self.csv_path.is_file():
             with open(self.csv_path, newline="") as f:
-                reader = csv.DictReader(f)
+                reader = csv.DictReader(f, restkey="_extra")  # a hand-edited row with extra cells is kept, trimmed
                 cols = list(reader.fieldnames or cols)
-                rows = list(reader)
+                rows = [{k: v for k, v in r.items() if k != "_extra"} for r in reader]
         cols += [k for k in row if k not in cols]
         self.csv_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=cols, restval="")
+            w = csv.DictWriter(f, fieldnames=cols, restval="", extrasaction="ignore")
             w.writeheader()
             w.writerows(rows + [row])
         tmp.replace(self.csv_path)
@@ -229,9 +229,20 @@ def train_stage(
     stored = dict(meta or {})
     seconds = 0.0
     if state is not None:
+        missing = [k for k in to_save if k != "trainer" and k not in state]
+        if missing:
+            raise ValueError(f"{state_path} holds no {', '.join(missing)} state: the stage's setup changed (EMA on/off, "
+                             f"a random crop added) since it was saved; restore the setup or move the file away")
+        if state.get("plan") and dict(state["plan"]) != asdict(plan):
+            # the schedule continues from the saved iteration on the new plan's curve; the learning rate jumps to it
+            logger.warning("%s: the plan changed since the last save (%s -> %s); the learning-rate schedule follows the "
+                           "new plan from iteration %d", name, state["plan"], asdict(plan), state["trainer"]["iteration"])
         for k, obj in to_save.items():
             if k != "trainer":
                 obj.load_state_dict(state[k])
+        for group in optimizer.param_groups:  # a changed lr in the plan is the new base of the schedule
+            group["initial_lr"] = plan.lr
+        schedule.base_lrs = [plan.lr] * len(optimizer.param_groups)
         stored, seconds = dict(state["meta"]), float(state["seconds"])
         logger.info("%s: resuming at iteration %d (%.2f h trained)", name, state["trainer"]["iteration"], seconds / 3600)
     start_iteration = int(state["trainer"]["iteration"]) if state is not None else 0
@@ -251,7 +262,11 @@ def train_stage(
         atomic_torch_save({**states, "meta": stored, "seconds": clock["seconds"], "plan": asdict(plan),
                            "metrics": {k: float(v) for k, v in metrics.items()}}, state_path)
         tail = losses[-50:]
-        log.append(name, it, clock["seconds"], optimizer.param_groups[0]["lr"], sum(tail) / len(tail) if tail else None, metrics)
+        try:  # the state is saved; a log that cannot be written must not end the run
+            log.append(name, it, clock["seconds"], optimizer.param_groups[0]["lr"], sum(tail) / len(tail) if tail else None,
+                       metrics)
+        except (OSError, ValueError) as e:
+            logger.warning("%s: could not append to the training log (%s: %s)", name, type(e).__name__, e)
         logger.info("%s: iteration %d saved to %s %s", name, it, state_path, metrics)
         clock["t"] = clock["last_save"] = time.monotonic()
         clock["longest"] = max(clock["longest"], clock["t"] - t_val)
