@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .transforms.chains import RAS_LABELS
 from .utils import atomic_write
 
 __all__ = ["as_2d", "png_bits", "write_png", "write_native_png", "display_volume", "write_figure", "figure_title"]
@@ -76,7 +77,7 @@ def display_volume(t: Any) -> np.ndarray:
     """A 3D input-space MetaTensor ``(C, X, Y, Z)`` reoriented to RAS for display, first channel, float32."""
     from monai.transforms import Orientation
 
-    return np.asarray(Orientation(axcodes="RAS")(t)[0].float().cpu().numpy(), dtype=np.float32)
+    return np.asarray(Orientation(axcodes="RAS", labels=RAS_LABELS)(t)[0].float().cpu().numpy(), dtype=np.float32)
 
 
 def _slices(vol: np.ndarray, center: Sequence[int] | None = None) -> list[tuple[str, np.ndarray]]:
