@@ -73,11 +73,12 @@ def _autoencoder_metrics(ae: torch.nn.Module, val_images: torch.Tensor, pairs: S
 
 
 def _val_pairs(manifest: str, preprocessing: Mapping[str, Any], encoder: AttributeEncoder, n: int) -> list[dict]:
+    from .evaluation import EvaluationError
     from .evaluation.evaluator import load_counterfactual_pairs
 
     try:
         return load_counterfactual_pairs(manifest, preprocessing, encoder, "val", n)[:n] if n else []
-    except Exception as e:  # a data set without val pairs still trains; the log says why the ceiling is missing
+    except EvaluationError as e:  # a data set without val pairs still trains; the log says why the ceiling is missing
         logger.warning("no val ground-truth pairs (%s); the ceiling is not logged", e)
         return []
 
