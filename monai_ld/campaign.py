@@ -171,7 +171,8 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     return train_stage("diffusion", unet, RandomBatches(train_lat, plan.batch_size, g_batches), torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
                        RngState({"batches": g_batches, "noise": g_noise}), deadline,
-                       validate=lambda net: _denoising_loss(net, scheduler, val_lat), meta=meta, **ctx["save"])
+                       validate=lambda net: _denoising_loss(net, scheduler, val_lat), meta=meta,
+                       optimizer_state_dtype=section.get("optimizer_state_dtype"), **ctx["save"])
 
 
 def run_campaign(

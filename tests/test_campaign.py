@@ -75,6 +75,10 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
                 assert len(flat_a) == len(flat_b) > 0
                 assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), f"{name} {key} differs after resume"
     assert "ema" in _state(a, "diffusion") and _state(a, "diffusion")["meta"]["scale_factor"] > 0
+    # the diffusion state keeps Adam's moments in bfloat16 (campaign.json), the weights and EMA in float32
+    d_opt = _state(a, "diffusion")["optimizer"]["state"][0]
+    assert d_opt["exp_avg"].dtype == d_opt["exp_avg_sq"].dtype == torch.bfloat16
+    assert _state(a, "diffusion")["network"]["conv_in.conv.weight"].dtype == torch.float32
     assert _state(a, "diffusion")["meta"]["train_samples"] == 6 + 3  # the train split + every subject of the extra set
     rows = list(csv.DictReader(open(a / "docs" / "training_log.csv")))
     assert [(r["stage"], r["iteration"]) for r in rows] == [("autoencoder", "2"), ("autoencoder", "4"),
@@ -117,6 +121,26 @@ def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors(v)]
     return []
+
+
+def test_compact_optimizer_state_loads_back_as_float32():
+    from monai_ld.engines.campaign import _compact
+
+    net = torch.nn.Linear(64, 64)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    for _ in range(3):
+        net(torch.randn(8, 64)).pow(2).mean().backward()
+        opt.step()
+    full = opt.state_dict()
+    small = _compact(full, torch.bfloat16)
+    assert full["state"][0]["exp_avg"].dtype == torch.float32  # the live state is untouched
+    opt2 = torch.optim.Adam(net.parameters(), lr=1e-3)
+    opt2.load_state_dict(small)
+    for p, (i, ref) in zip(net.parameters(), full["state"].items()):
+        got = opt2.state[p]
+        assert got["exp_avg"].dtype == torch.float32 and torch.equal(got["step"], ref["step"])
+        assert torch.allclose(got["exp_avg"], ref["exp_avg"], rtol=1e-2, atol=1e-8)
+        assert torch.allclose(got["exp_avg_sq"], ref["exp_avg_sq"], rtol=1e-2, atol=1e-12)
 
 
 def test_warmup_cosine_schedule():

@@ -184,6 +184,14 @@ def read_state(path: str | Path) -> dict | None:
     return torch.load(p, map_location="cpu", weights_only=True) if p.is_file() else None
 
 
+def _compact(optimizer_state: dict, dtype: torch.dtype) -> dict:
+    """``optimizer_state`` with its floating tensors but the step counters cast to ``dtype``."""
+    def cast(k: str, v: Any) -> Any:
+        return v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "step" else v
+    return {**optimizer_state, "state": {i: {k: cast(k, v) for k, v in s.items()}
+                                         for i, s in optimizer_state["state"].items()}}
+
+
 def train_stage(
     name: str,
     network: torch.nn.Module,
@@ -201,11 +209,14 @@ def train_stage(
     save_every_iterations: int | None = None,
     meta: Mapping[str, Any] | None = None,
     device: str | torch.device = "cpu",
+    optimizer_state_dtype: str | None = None,
 ) -> dict:
     """Train ``network`` from its state file (or from scratch) until the plan is complete or ``deadline``
     (``time.monotonic()``) nears; returns ``{"iteration", "complete", "seconds", "meta"}``.
 
-    ``validate(net)`` gets the EMA weights when there are any. ``meta`` is stored in the state file the first time
+    ``optimizer_state_dtype`` (e.g. ``"bfloat16"``) stores Adam's moments at that precision, which keeps a large
+    network's state file compact (weights and EMA stay float32; Adam casts the moments back when it loads them), at
+    the cost of a resume that is no longer bit-identical. ``validate(net)`` gets the EMA weights when there are any. ``meta`` is stored in the state file the first time
     (e.g. the network's config, a scale factor) and returned as stored afterwards, so a resumed stage keeps it.
     """
     device = torch.device(device)
@@ -258,6 +269,8 @@ def train_stage(
         it = int(engine.state.iteration)
         clock["seconds"] += time.monotonic() - clock["t"]
         states = {k: obj.state_dict() for k, obj in to_save.items() if k != "trainer"}
+        if optimizer_state_dtype:
+            states["optimizer"] = _compact(states["optimizer"], getattr(torch, optimizer_state_dtype))
         states["trainer"] = {"iteration": it, "epoch_length": 1, "max_epochs": plan.total_iterations}
         atomic_torch_save({**states, "meta": stored, "seconds": clock["seconds"], "plan": asdict(plan),
                            "metrics": {k: float(v) for k, v in metrics.items()}}, state_path)
