@@ -39,6 +39,7 @@ from .conditioning import ConditionError
 from .inferers import Abduction, Composition, mask_to_image
 from .networks.model import ConditionalLDM
 from .outputs import as_2d, display_volume, figure_title, png_bits, write_figure, write_native_png, write_png
+from .transforms.chains import build_chain
 from .utils import atomic_write
 
 __all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "build_chain", "parse_attribute_args"]
@@ -49,22 +50,6 @@ DEFAULT_SETTINGS = {"drift": 0.0, "strength": 0.6, "guidance": 3.0, "seed": 0, "
 _SETTING_KEYS = tuple(DEFAULT_SETTINGS)
 MAX_SAMPLES = 64
 _png_bits, _write_png = png_bits, write_png  # old private names (tests, scripts)
-
-
-def build_chain(preprocessing: Mapping[str, Any], encoder: Any = None):
-    """The preprocessing ``Compose`` named by ``{"chain": "brain_mri"|"chest_xray", **kwargs}`` (training and inference
-    share it, so a model always sees its inputs prepared the same way)."""
-    from .transforms import brain_mri_transforms, chest_xray_transforms
-
-    kwargs = dict(preprocessing)
-    chain = kwargs.pop("chain", None)
-    if encoder is not None:
-        kwargs["encoder"] = encoder
-    if chain == "brain_mri":
-        return brain_mri_transforms(**kwargs)
-    if chain == "chest_xray":
-        return chest_xray_transforms(**kwargs)
-    raise ValueError(f"unknown preprocessing chain {chain!r}; accepted: brain_mri, chest_xray")
 
 
 def parse_attribute_args(pairs: list[str] | None) -> dict[str, str]:

@@ -9,6 +9,7 @@ model output back in the input's geometry (same shape and affine). Usable from a
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +36,7 @@ from monai_ld.transforms.io import ImageLoadError, LoadMedicalImaged
 from monai_ld.transforms.spatial import ExtractSliced
 from monai_ld.transforms.validation import ImageValidationError, ValidateImaged
 
-__all__ = ["ForegroundAbove", "PreprocessCompose", "brain_mri_transforms", "chest_xray_transforms"]
+__all__ = ["ForegroundAbove", "PreprocessCompose", "brain_mri_transforms", "build_chain", "chest_xray_transforms"]
 
 _INPUT_ERRORS = (ImageLoadError, ImageValidationError, ConditionError)
 
@@ -186,3 +187,17 @@ def chest_xray_transforms(
     ]
     steps += _encoder_step(encoder, attribute_keys, condition_key)
     return PreprocessCompose(steps)
+
+
+def build_chain(preprocessing: Mapping[str, Any], encoder: Any = None):
+    """The preprocessing ``Compose`` named by ``{"chain": "brain_mri"|"chest_xray", **kwargs}`` (training and inference
+    share it, so a model always sees its inputs prepared the same way)."""
+    kwargs = dict(preprocessing)
+    chain = kwargs.pop("chain", None)
+    if encoder is not None:
+        kwargs["encoder"] = encoder
+    if chain == "brain_mri":
+        return brain_mri_transforms(**kwargs)
+    if chain == "chest_xray":
+        return chest_xray_transforms(**kwargs)
+    raise ValueError(f"unknown preprocessing chain {chain!r}; accepted: brain_mri, chest_xray")
