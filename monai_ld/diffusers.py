@@ -25,7 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 from monai_ld.conditioning import NULL_VALUE
 from monai_ld.drift import Drift, DriftTarget, apply_step_drift, drift_noise, is_zero_drift
-from monai_ld.inferers import _to_x0_eps
+from monai_ld.sampling.steps import to_x0_eps
 
 __all__ = ["DriftedScheduler", "forward_drift", "ld_counterfactual", "DiffusersCounterfactual"]
 
@@ -172,7 +172,7 @@ def _ddim_invert(scheduler: DDIMScheduler, eps: torch.Tensor, t: torch.Tensor, z
     prev_t = int(t) - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
     a_to = scheduler.alphas_cumprod[int(t)]
     a_from = scheduler.alphas_cumprod[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod
-    x0, e = _to_x0_eps(scheduler.config.prediction_type, eps, z, a_from.to(z))
+    x0, e = to_x0_eps(scheduler.config.prediction_type, eps, z, a_from.to(z))
     return a_to.to(z) ** 0.5 * x0 + (1 - a_to.to(z)) ** 0.5 * e
 
 

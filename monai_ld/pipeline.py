@@ -36,7 +36,7 @@ import torch
 
 from .composition import OUTPUT_SPACES, STORED_DTYPE_KEY, _on_grid, compose_in_input_space, load_mask, load_native, mask_summary
 from .conditioning import ConditionError
-from .inferers import Abduction, Composition, mask_to_image
+from .inferers import Abduction, Composition, make_inferer, mask_to_image
 from .networks.model import ConditionalLDM
 from .outputs import as_2d, display_volume, figure_title, png_bits, write_figure, write_native_png, write_png
 from .transforms.chains import build_chain
@@ -159,10 +159,10 @@ class CounterfactualPipeline:
         With ``plan["samples"]`` N > 1 a single image ``(1, C, *spatial)`` is edited N times in one batch, sample
         ``i`` drawing its noise from seed ``seed + i``. ``rows``: one resolved plan per batch item (different inputs
         with their own source/target, same settings); each item draws from its own generator seeded ``seed``, as if
-        run alone.
+        run alone. Every draw comes from these generators (never torch's global RNG), so concurrent edits with the same
+        seed agree.
         """
-        torch.manual_seed(plan["seed"])
-        inferer = self.model.make_inferer(plan["num_inference_steps"])
+        inferer = make_inferer(self.model, plan["num_inference_steps"])
         n = int(plan.get("samples", 1))
         seeded = lambda seed: torch.Generator(device=self.device).manual_seed(seed)  # noqa: E731
         generator: torch.Generator | list[torch.Generator] = seeded(plan["seed"])

@@ -4,10 +4,11 @@ import math
 
 import pytest
 import torch
-from monai.inferers import LatentDiffusionInferer
+from monai.inferers import DiffusionInferer, LatentDiffusionInferer
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from monai_ld import DriftedScheduler, DriftTarget, LatentDriftInferer, forward_drift, with_drift
+from monai_ld.engines import LatentDriftPrepareBatch
 
 
 def ddim(steps=10):
@@ -121,27 +122,26 @@ def test_drifted_scheduler_wrapper_delegates_state():
 
 @pytest.mark.parametrize("target", ["shifted", "unshifted"])
 def test_forward_drift_shifts_added_noise_and_target_follows_option(tiny_models, target):
-    ae, unet, enc = tiny_models(2)
+    """The training path (LatentDriftPrepareBatch feeding MONAI's DiffusionInferer) predicts on add_noise(z0, ε + δ, t)
+    and regresses the target forward_drift states."""
+    _, unet, enc = tiny_models(2)
     sched, delta = ddim(10), 0.15
-    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(6))
-    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-    t = torch.tensor([10, 700])
+    z0 = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(6))
     cond = enc.context([{"age": 50, "sex": "F"}, {"age": 60, "sex": "M"}])
-    inferer = LatentDriftInferer(sched, scale_factor=0.9, drift=delta, drift_target=target)
-    # the prediction must equal the UNet applied to add_noise(z0, noise + δ, t); the encoder samples its
-    # posterior, so seed both encodings alike
-    torch.manual_seed(0)
-    pred_a = inferer(x, ae, unet, noise, t, condition=cond)
-    torch.manual_seed(0)
+    prepare = LatentDriftPrepareBatch(sched, drift=delta, drift_target=target, condition_dropout=0.0,
+                                      generator=torch.Generator().manual_seed(7))
+    _, tgt, _, kw = prepare({"image": z0, "condition": cond})
+    g = torch.Generator().manual_seed(7)  # the draws prepare made: the noise, then the timesteps
+    noise, t = torch.randn(z0.shape, generator=g), torch.randint(0, 1000, (2,), generator=g)
+    assert torch.equal(kw["timesteps"], t)
     with torch.no_grad():
-        z0 = ae.encode_stage_2_inputs(x) * 0.9
-    pred_b, tgt = inferer.forward_latents(z0, unet, noise, t, condition=cond)
-    assert torch.allclose(pred_a, pred_b, atol=1e-6)
-    noisy, _ = forward_drift(sched, z0, noise, t, delta, target)
-    assert torch.allclose(noisy, sched.add_noise(z0, noise + delta, t))
+        pred = DiffusionInferer(sched)(z0, unet, **kw)
+        noisy, expected_tgt = forward_drift(sched, z0, noise, t, delta, target)
+        assert torch.allclose(noisy, sched.add_noise(z0, noise + delta, t))
+        assert torch.allclose(pred, unet(noisy, timesteps=t, context=cond), atol=1e-6)
     expected = noise + delta if target == "shifted" else noise
-    assert torch.equal(tgt, expected) and torch.equal(inferer.training_target(noise), expected)
-    assert pred_a.shape == noise.shape
+    assert torch.equal(tgt, expected) and torch.equal(expected_tgt, expected)
+    assert pred.shape == noise.shape
 
 
 def test_forward_drift_v_prediction_target():

@@ -202,10 +202,10 @@ def test_intensity_scale_and_recorded_range():
 
 
 def test_per_sample_generators_draw_like_single_seeds():
-    from monai_ld.inferers import _randn
+    from monai_ld.sampling import randn
 
     gens = [torch.Generator().manual_seed(s) for s in (3, 4)]
-    batch = _randn((2, 2, 5), gens, torch.float32, "cpu")
+    batch = randn((2, 2, 5), gens, torch.float32, "cpu")
     for i, s in enumerate((3, 4)):
         torch.testing.assert_close(batch[i : i + 1], torch.randn((1, 2, 5), generator=torch.Generator().manual_seed(s)))
 

@@ -7,6 +7,7 @@ from monai.networks.schedulers import RFlowScheduler
 
 from monai_ld import DriftedScheduler, LatentDriftInferer, forward_drift
 from monai_ld.engines.prepare_batch import LatentDriftPrepareBatch
+from monai_ld.inferers import make_inferer
 from monai_ld.networks import build_scheduler, scheduler_config
 from monai_ld.schedulers import next_timesteps
 
@@ -134,7 +135,7 @@ def test_train_diffusion_with_an_rflow_scheduler_dict_and_edit(tmp_path):
                           progress=False, scheduler={**scheduler_config("RFlow", num_inference_steps=6)})
     model = ConditionalLDM.load(out)
     assert model.scheduler_config["name"] == "RFlow" and model.meta["diffusion_record"]["drift"] == 0.05
-    inf = model.make_inferer()
+    inf = make_inferer(model)
     assert isinstance(inf.scheduler, RFlowScheduler)
     x = samples[0]["image"][None]
     cf = inf.counterfactual(x, model.autoencoder, model.unet, enc.context({"age": 40, "sex": "F"}),

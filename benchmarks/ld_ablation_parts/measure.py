@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from monai_ld.engines.training import finetune
 from monai_ld.evaluation import downstream_auc, effectiveness_from_images, extract_features, fid, ground_truth_error, kid
 from monai_ld.evaluation.drift_search import mean_image_l1, search_drift
+from monai_ld.inferers import make_inferer
 from monai_ld.networks.model import ConditionalLDM
 
 logging.getLogger("monai_ld.train").setLevel(logging.WARNING)  # one line per checkpoint_every otherwise
@@ -40,7 +41,7 @@ def generate(model: ConditionalLDM, rows: list[dict], drift: float, seed: int, s
     lat = int(model.autoencoder_config.get("latent_channels", 3))
     size = model.meta.get("preprocessing", {}).get("size", 128) // 4  # the autoencoder downsamples 4x
     noise = torch.randn(len(rows), lat, size, size, generator=g)
-    inferer = model.make_inferer(num_inference_steps=steps, drift=drift)
+    inferer = make_inferer(model, num_inference_steps=steps, drift=drift)
     out = []
     for i in range(0, len(rows), batch):
         cond = model.condition(rows[i : i + batch], batch_size=len(rows[i : i + batch]))
@@ -51,7 +52,7 @@ def generate(model: ConditionalLDM, rows: list[dict], drift: float, seed: int, s
 @torch.no_grad()
 def counterfactuals(model: ConditionalLDM, pairs: dict, drift: float, seed: int, cfg) -> torch.Tensor:
     """The bundle's default edit (paired composition, DiffEdit mask 0.4, strength 0.5, no CFG), δ while generating."""
-    inferer = model.make_inferer(num_inference_steps=cfg.cf_steps, drift=drift)
+    inferer = make_inferer(model, num_inference_steps=cfg.cf_steps, drift=drift)
     n = len(pairs["source_rows"])
     src = model.condition(pairs["source_rows"], batch_size=n)
     tgt = model.condition(pairs["target_rows"], batch_size=n)

@@ -27,7 +27,6 @@ from torch import nn
 
 from ..conditioning import AttributeEncoder
 from ..drift import DriftTarget
-from ..inferers import LatentDriftInferer
 from ..utils import atomic_write
 from .presets import build_autoencoder, build_scheduler, build_unet, scheduler_config
 
@@ -54,7 +53,8 @@ class ConditionalLDM(nn.Module):
         attributes: an :class:`AttributeEncoder` or its config list.
         scale_factor: latent scale (``1 / std`` of the training latents is the usual choice).
         scheduler: :func:`presets.scheduler_config` dict.
-        drift, drift_target, drift_initial_noise: LD defaults (see :class:`LatentDriftInferer`).
+        drift, drift_target, drift_initial_noise: LD defaults (training: :func:`monai_ld.drift.forward_drift`;
+            inference: :func:`monai_ld.inferers.make_inferer` builds the inferer from them).
         mode: ``"crossattn"`` (context ``(B, 1, dim)``) or ``"concat"``.
         meta: free JSON-able facts (image size, spacing, preprocessing, training record).
     """
@@ -100,16 +100,6 @@ class ConditionalLDM(nn.Module):
 
     def make_scheduler(self, num_inference_steps: int | None = None):
         return build_scheduler(self.scheduler_config, num_inference_steps)
-
-    def make_inferer(self, num_inference_steps: int | None = None, drift: float | None = None) -> LatentDriftInferer:
-        """A :class:`LatentDriftInferer` with this model's scheduler, scale factor and LD defaults."""
-        return LatentDriftInferer(
-            scheduler=self.make_scheduler(num_inference_steps),
-            scale_factor=self.scale_factor,
-            drift=self.drift if drift is None else float(drift),
-            drift_target=self.drift_target,
-            drift_initial_noise=self.drift_initial_noise,
-        )
 
     def condition(self, rows: Any, batch_size: int = 1) -> torch.Tensor:
         """Attribute rows -> cross-attention context ``(B, 1, dim)`` (``None`` -> null condition)."""
