@@ -87,8 +87,16 @@ class CounterfactualPipeline:
         self.checkpoint: Path | None = None  # set by from_checkpoint (the attribute predictor lies beside it)
 
     @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", **defaults: Any) -> CounterfactualPipeline:
-        pipe = cls(ConditionalLDM.load(path, map_location=device), {k: v for k, v in defaults.items() if v is not None}, device)
+    def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", tile_threshold: float | None = None,
+                        **defaults: Any) -> CounterfactualPipeline:
+        """``tile_threshold``: image voxels per item above which the autoencoder runs in overlapping windows of its
+        training patch (bounded memory; default :data:`~monai_ld.networks.tiling.DEFAULT_TILE_THRESHOLD`, 0 = always,
+        ``math.inf`` = never; see :mod:`monai_ld.networks.tiling`)."""
+        from .networks.tiling import tile_autoencoder
+
+        model = ConditionalLDM.load(path, map_location=device)
+        tile_autoencoder(model, path, tile_threshold)
+        pipe = cls(model, {k: v for k, v in defaults.items() if v is not None}, device)
         pipe.checkpoint = Path(path)
         return pipe
 
