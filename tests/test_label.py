@@ -211,6 +211,43 @@ def test_every_offered_setting_choice_is_accepted():
             assert req.settings[key] == choice
 
 
+def test_concurrent_same_seed_requests_agree(tmp_path, monkeypatch):
+    """No process-wide lock: three requests (copies of one scan, so three run folders) compute at the same time (a
+    barrier they all must reach inside the edit), each drawing from its own generators, and give the same volumes
+    for the same seed; a repeat of each, sent alongside, waits for its folder and is served from the cache."""
+    import threading
+
+    from monai_ld.label.infer import CounterfactualInferTask
+
+    bundle = _stand_in_bundle(tmp_path / "bundles")
+    task = CounterfactualInferTask(MODEL, bundle / "models" / "model.pt", tmp_path / "outputs")
+    scans = []
+    for i in range(3):
+        scans.append(tmp_path / f"scan{i}.nii")
+        shutil.copyfile(Path(nib.__file__).parent / "tests" / "data" / "anatomical.nii", scans[-1])
+    barrier, run_to_dir = threading.Barrier(len(scans), timeout=120), task.pipeline.run_to_dir
+
+    def meet_then_run(*args, **kwargs):
+        barrier.wait()  # raises BrokenBarrierError if the edits were serialised
+        return run_to_dir(*args, **kwargs)
+
+    monkeypatch.setattr(task.pipeline, "run_to_dir", meet_then_run)
+    params = {"target": TARGET, "seed": 11, "abduction": "noising", "samples": 2,
+              "output_space": "model", "result": "uncertainty", **FAST}
+    with ThreadPoolExecutor(max_workers=2 * len(scans)) as pool:
+        answers = list(pool.map(lambda p: task({"image": str(p), **params}), scans + scans))
+    for scan in scans:
+        cached = sorted(result["cached"] for _, result in answers if result["record"]["input"] == str(scan.resolve()))
+        assert cached == [False, True]
+    volumes = [np.asarray(nib.load(path).dataobj) for path, _ in answers]
+    first = [np.asarray(nib.load(answers[0][1]["outputs"][k]).dataobj) for k in ("counterfactual", "uncertainty")]
+    assert first[1].max() > 0  # the two samples differ: the noise matters
+    for path, result in answers:
+        np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), volumes[0])
+        for k, ref in zip(("counterfactual", "uncertainty"), first):
+            np.testing.assert_array_equal(np.asarray(nib.load(result["outputs"][k]).dataobj), ref)
+
+
 @pytest.mark.parametrize("params,image,model,status,message", [
     ({"target": {"height": 180, "sex": "F", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "unknown attribute"),
     ({"target": {"age": 150, "sex": "F", "diagnosis": "AD"}}, "anatomical", MODEL, 422, "out of range"),

@@ -9,7 +9,7 @@ import torch
 from monai.engines.utils import DiffusionPrepareBatch, PrepareBatch, default_prepare_batch
 
 from ..conditioning import NULL_VALUE
-from ..drift import DriftTarget, forward_drift
+from ..drift import DriftTarget, drift_noise, forward_drift
 
 __all__ = ["AutoencoderPrepareBatch", "LatentDriftPrepareBatch"]
 
@@ -67,7 +67,7 @@ class LatentDriftPrepareBatch(DiffusionPrepareBatch):
         noise = self.get_noise(latents)
         timesteps = self.get_timesteps(latents)
         _, target = forward_drift(self.scheduler, latents, noise, timesteps, self.drift, self.drift_target)
-        infer_kwargs: dict[str, Any] = {"noise": noise + self.drift if self.drift else noise, "timesteps": timesteps}
+        infer_kwargs: dict[str, Any] = {"noise": drift_noise(noise, self.drift), "timesteps": timesteps}
         if self.condition_name is not None and isinstance(batchdata, Mapping):
             cond = batchdata[self.condition_name].to(device=device, non_blocking=non_blocking)
             if cond.ndim == 2:

@@ -16,8 +16,9 @@ to the input's geometry (same shape and affine). The task
 A label sent with the request (3D Slicer's segment, uploaded as MONAI Label's ``label`` file; nonzero = in) is the
 edit mask: the counterfactual changes only there (native output space; its content is part of the cache key).
 
-One lock serialises the model work of all tasks of a process: the edit seeds torch's global RNG, and two edits at
-once would only share the same CPU cores anyway.
+Requests run concurrently: every random draw of an edit comes from its own generators (seeded by the request's
+``seed``), so the same request gives the same output however many run at once. Only two requests for the same run
+folder wait for each other (a lock per folder): the second is then served from the first one's files.
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +41,30 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from ..pipeline import CounterfactualPipeline
 from .params import SETTING_KEYS, RequestError, parse_params, slicer_config
 
-__all__ = ["CounterfactualInferTask", "MODEL_LOCK"]
+__all__ = ["CounterfactualInferTask", "run_dir_lock"]
 
 logger = logging.getLogger(__name__)
 
-MODEL_LOCK = threading.Lock()
+_guard = threading.Lock()
+_run_locks: dict[Path, list] = {}  # run folder -> [its lock, requests holding or waiting for it]
+
+
+@contextmanager
+def run_dir_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the lock of ``run_dir`` (one per folder, dropped when no request wants it): two requests never write the
+    same files at once, while requests for different folders do not wait for each other."""
+    key = Path(run_dir).resolve()
+    with _guard:
+        entry = _run_locks.setdefault(key, [threading.Lock(), 0])
+        entry[1] += 1
+    try:
+        with entry[0]:
+            yield
+    finally:
+        with _guard:
+            entry[1] -= 1
+            if entry[1] == 0:
+                del _run_locks[key]
 
 
 def _jsonable(x: Any) -> Any:
@@ -129,7 +151,7 @@ class CounterfactualInferTask(InferTask):
         run_dir = self._run_dir(image_id, image_path, plan, label)
         settings = {k: plan[k] for k in SETTING_KEYS}
         waited = time.perf_counter()
-        with MODEL_LOCK:
+        with run_dir_lock(run_dir):
             waited = time.perf_counter() - waited
             record_file = run_dir / "record.json"
             cached = record_file.is_file()
@@ -161,6 +183,6 @@ class CounterfactualInferTask(InferTask):
             "source": record.get("source"),
             "settings": settings,
             "record": record,
-            "latencies": {"wait_for_model": round(waited, 3), "total": round(time.perf_counter() - t0, 3)},
+            "latencies": {"wait_for_same_request": round(waited, 3), "total": round(time.perf_counter() - t0, 3)},
         }
         return response_file, result

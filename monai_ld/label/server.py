@@ -5,7 +5,7 @@
 - MONAI Label 0.8.5 declares ``POST /infer/{model}`` as ``async def`` yet runs the model inside it, which blocks the
   event loop: while one counterfactual is computed, nothing else (``/info/``, ``/datastore/``, other clients) is
   answered. Here the same handler (MONAI Label's ``run_inference``) is registered as a plain ``def``, which FastAPI
-  runs in its thread pool; the model work itself is serialised by the task's lock.
+  runs in its thread pool; requests then run concurrently (only two for the same run folder wait for each other).
 - a ``params`` form field that is not JSON answers 400 with the reason (MONAI Label answers 500), and MONAI Label's
   own ``MONAILabelException`` answers 422 with its message instead of a bare 500.
 
