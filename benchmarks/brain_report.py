@@ -26,8 +26,7 @@ import torch
 from scipy import ndimage as ndi
 
 from monai_ld import bundle_support
-from monai_ld.evaluation import AttributeOracle, ground_truth_error
-from monai_ld.evaluation.evaluator import load_counterfactual_pairs
+from monai_ld.evaluation import AttributeOracle, ground_truth_error, load_counterfactual_pairs
 from monai_ld.evaluation.volumes import STRUCTURES, evaluation_volumes, load_pair_labels
 from monai_ld.pipeline import CounterfactualPipeline
 

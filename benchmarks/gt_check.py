@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from monai_ld import bundle_support
-from monai_ld.evaluation import ground_truth_error
-from monai_ld.evaluation.evaluator import PipelineEditor, add_latent_oracle, load_counterfactual_pairs
+from monai_ld.evaluation import PipelineEditor, ground_truth_error, load_counterfactual_pairs
+from monai_ld.evaluation.pairs import add_latent_oracle
 from monai_ld.pipeline import CounterfactualPipeline
 
 p = argparse.ArgumentParser()

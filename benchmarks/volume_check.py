@@ -62,7 +62,7 @@ def check_manifest(manifest: str, split: str | None = "test") -> dict:
     import torch
 
     from monai_ld.data.phantoms import brain_attribute_encoder
-    from monai_ld.evaluation.evaluator import load_counterfactual_pairs
+    from monai_ld.evaluation import load_counterfactual_pairs
     from monai_ld.evaluation.volumes import evaluation_volumes, load_pair_labels
 
     pairs = load_counterfactual_pairs(manifest, BUNDLE_PREPROCESSING, brain_attribute_encoder(), split)

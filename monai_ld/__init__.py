@@ -1,5 +1,12 @@
-"""monai_ld: Latent Drifting (LD) counterfactuals for medical images, built on MONAI."""
+"""monai_ld: Latent Drifting (LD) counterfactuals for medical images, built on MONAI.
 
+The public names below load their module on first use: every ``monai_ld.<module>`` import runs this file first, so an
+eager import here would pull the upper layers (pipeline, bundle support) into every lower one, and ``import
+monai_ld`` would cost torch and MONAI before anything is used. Submodules (``from monai_ld import bundle_support``, as
+bundle configs write it) are found by the ordinary import machinery.
+"""
+
+import importlib as _importlib
 import logging as _logging
 import warnings as _warnings
 
@@ -8,10 +15,30 @@ import warnings as _warnings
 _logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(_logging.ERROR)
 _warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin did not register")
 
-from .conditioning import NULL_VALUE, AttributeEncoder, CategoricalAttribute, ConditionError, ContinuousAttribute
-from .drift import DriftedScheduler, DriftTarget, apply_step_drift, drift_noise, forward_drift, with_drift
-from .inferers import Abduction, Composition, CounterfactualOutput, InversionOutput, LatentDriftInferer
-from .networks import ConditionalLDM
-from . import bundle_support  # noqa: E402  (bundle configs import it as `from monai_ld import bundle_support`)
-
 __version__ = "0.1.0"
+
+# public name -> the module that defines it
+_PUBLIC = {
+    **dict.fromkeys(("NULL_VALUE", "AttributeEncoder", "CategoricalAttribute", "ConditionError", "ContinuousAttribute"),
+                    "conditioning"),
+    **dict.fromkeys(("DriftedScheduler", "DriftTarget", "apply_step_drift", "drift_noise", "forward_drift",
+                     "with_drift"), "drift"),
+    **dict.fromkeys(("Abduction", "Composition", "CounterfactualOutput", "InversionOutput", "LatentDriftInferer"),
+                    "inferers"),
+    "ConditionalLDM": "networks",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'monai_ld' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -14,7 +14,7 @@ import sys
 _COMMANDS: list[str] = [
     "monai_ld.bundle_cli",
     "monai_ld.data.phantoms_cli",
-    "monai_ld.evaluation.cli",
+    "monai_ld.evaluation_cli",
     "monai_ld.label.cli",
 ]
 

@@ -2,7 +2,7 @@
 
 Both read ``<bundle>/configs/evaluate.json`` (so the command line and ``python -m monai.bundle run`` share one set of
 defaults), override what the options name, and evaluate its ``evaluate`` / ``sweep_drift`` item
-(:func:`~monai_ld.evaluation.workflows.run_evaluation` / :func:`~monai_ld.evaluation.workflows.run_sweep`). Without
+(:func:`~monai_ld.jobs.run_evaluation` / :func:`~monai_ld.jobs.run_sweep`). Without
 ``--manifest`` they use the bundle's own phantoms (its config regenerates the held-out set when it is missing).
 Each writes ``report.json`` (+ ``report.md`` and PNGs) into ``--output-dir``. Bad input (no bundle, no model, a
 manifest without the needed columns) is a one-line error and exit code 2.
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 CONFIG = "configs/evaluate.json"
@@ -86,7 +85,7 @@ def _ints(text: str, name: str) -> list[int]:
 def _parser(args: argparse.Namespace):
     from monai.bundle import ConfigParser
 
-    from ..bundles import resolve_bundle
+    from .bundles import resolve_bundle
 
     bundle = resolve_bundle(args.bundle, needs=CONFIG)
     cfg = bundle / CONFIG
@@ -133,7 +132,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if args.axiom_subjects is not None:
         parser["axiom_subjects"] = args.axiom_subjects
     if args.drifts is not None:
-        from .workflows import parse_drifts
+        from .evaluation import parse_drifts
 
         parser["drifts"] = parse_drifts(args.drifts)
     if args.composition_steps is not None:
@@ -164,7 +163,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     if args.max_subjects is not None:
         parser["sweep#max_subjects"] = args.max_subjects
     if args.drifts is not None:
-        from .workflows import parse_drifts
+        from .evaluation import parse_drifts
 
         grid = parse_drifts(args.drifts)
         if "searched" in grid:
@@ -179,9 +178,3 @@ def run_sweep(args: argparse.Namespace) -> int:
     report = _evaluate(parser, "sweep_drift")
     print(f"wrote {Path(args.output_dir) / 'report.json'}: best δ = {report['best_drift']:g} ({report['objective']})")
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from monai_ld.cli import main
-
-    sys.exit(main())

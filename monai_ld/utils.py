@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 
-__all__ = ["atomic_write"]
+import torch
+
+__all__ = ["atomic_write", "log_progress", "set_threads"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: int = 0o644, suffix: str = ".tmp") -> str:
@@ -29,3 +32,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None], mode: in
             os.remove(tmp)
         raise
     return path
+
+
+def log_progress(msg: str, progress: bool = True) -> None:
+    """One progress line on stderr (stdout stays for results), when ``progress``."""
+    if progress:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def set_threads(num_threads: int | None) -> None:
+    """``torch.set_num_threads`` when a count is given (None keeps torch's choice)."""
+    if num_threads:
+        torch.set_num_threads(int(num_threads))

@@ -1,4 +1,4 @@
-"""The counterfactual evaluator (ignite/MONAI engine), its workflows and `monai-ld evaluate|sweep-drift`.
+"""The counterfactual evaluator (ignite/MONAI engine), the evaluation jobs and `monai-ld evaluate|sweep-drift`.
 
 Tiny stand-in model (32³, tiny AE/UNet with a non-zero output layer) and a 12-subject phantom set; the bundle is a
 temporary folder holding the brain bundle's REAL configs/evaluate.json, so the config and the CLI are tested together.
@@ -17,13 +17,15 @@ from PIL import Image
 from monai_ld.cli import main
 from monai_ld.evaluation import (
     CounterfactualEvaluator,
+    PipelineEditor,
     counterfactual_metrics,
     intervention_targets,
     load_counterfactual_pairs,
     reversibility,
     train_oracle,
 )
-from monai_ld.evaluation.evaluator import FLAT_METRICS, PipelineEditor, add_latent_oracle, load_reference, make_batches
+from monai_ld.evaluation.pairs import add_latent_oracle, load_reference, make_batches
+from monai_ld.evaluation.set_metrics import FLAT_METRICS
 from monai_ld.evaluation.similarity import l1, ssim
 
 REPO = Path(__file__).resolve().parents[1]
@@ -300,7 +302,7 @@ def test_fit_oracle_learns_with_augmentation():
     """A known task: class = bright blob on top or bottom half (vertical flips would destroy it; left-right flips
     must not), age = blob intensity. Held-out accuracy / MAE must beat chance / the mean predictor by far."""
     from monai_ld.conditioning import AttributeEncoder, CategoricalAttribute, ContinuousAttribute
-    from monai_ld.evaluation.workflows import _augment, fit_oracle
+    from monai_ld.evaluation.oracle_training import Augmentation, OracleTraining, fit_oracle
 
     enc = AttributeEncoder([ContinuousAttribute("age", 40, 95), CategoricalAttribute("side", ("top", "bottom"))])
     g = torch.Generator().manual_seed(0)
@@ -317,10 +319,11 @@ def test_fit_oracle_learns_with_augmentation():
 
     xt, rt = make(64)
     xv, rv = make(32)
-    aug = _augment(xt[:4], torch.Generator().manual_seed(1), flip_axes=(0,), max_shift=1, intensity=0.05)
+    augmentation = Augmentation(flip_axes=(0,), max_shift=1, intensity=0.05)
+    aug = augmentation(xt[:4], torch.Generator().manual_seed(1))
     assert aug.shape == xt[:4].shape and not torch.equal(aug, xt[:4])
-    o = fit_oracle(xt, rt, enc, epochs=30, batch_size=16, lr=3e-3, loss_weights={"age": 10}, flip_axes=(0,),
-                   max_shift=1, intensity=0.05, channels=(4, 8, 8, 16), conv1_stride=1, no_max_pool=True)
+    training = OracleTraining(epochs=30, batch_size=16, lr=3e-3, loss_weights={"age": 10}, augmentation=augmentation)
+    o = fit_oracle(xt, rt, enc, training, channels=(4, 8, 8, 16), conv1_stride=1, no_max_pool=True)
     pred = o.predict(xv)
     acc = float((pred["side"] == torch.tensor([enc["side"].validate(r["side"]) for r in rv])).float().mean())
     mae = float((pred["age"] - torch.tensor([r["age"] for r in rv])).abs().mean())

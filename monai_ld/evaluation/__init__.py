@@ -3,9 +3,13 @@
 Modules: :mod:`.oracle` (anti-causal predictors + the offline feature network), :mod:`.realism` (FID, KID, MMD),
 :mod:`.similarity` (L1, SSIM, MS-SSIM, PSNR, masked), :mod:`.axioms` (effectiveness, composition, reversibility,
 minimality, ground-truth error), :mod:`.downstream` (synthetic-vs-real classifier AUC), :mod:`.drift_search`
-(δ grid search), :mod:`.report` (JSON / Markdown / PNG), :mod:`.evaluator` (an ignite/MONAI ``Evaluator`` that edits
-held-out ground-truth pairs and scores them), :mod:`.workflows` (what bundle configs and ``monai-ld evaluate`` /
-``monai-ld sweep-drift`` call).
+(δ grid search), :mod:`.report` (JSON / Markdown / PNG), :mod:`.summaries` (``report.md`` of the evaluation and sweep
+reports), :mod:`.pairs` (ground-truth pairs and reference images from a manifest), :mod:`.evaluator` (an
+ignite/MONAI ``Evaluator`` that edits held-out ground-truth pairs and scores them, with the metrics of
+:mod:`.set_metrics`), :mod:`.oracle_training` (the oracle job of ``configs/train_oracle.json``).
+
+This package sits below the pipeline: the model under test comes in as an edit function or a pipeline object. The
+jobs that load a model and write report folders (``monai-ld evaluate`` / ``sweep-drift``) are :mod:`monai_ld.jobs`.
 """
 
 from ._checks import EvaluationError
@@ -25,10 +29,12 @@ from .drift_search import (
     drift_grid,
     mean_image_l1,
     oracle_loss,
+    parse_drifts,
     search_drift,
     search_drift_counterfactual,
     search_drift_distribution,
 )
+from .evaluator import CounterfactualEvaluator, PipelineEditor, evaluate_counterfactuals
 from .oracle import (
     ORACLE_FEATURE_NETWORK,
     AttributeOracle,
@@ -37,6 +43,8 @@ from .oracle import (
     extract_features,
     train_oracle,
 )
+from .oracle_training import fit_oracle, train_oracle_from_manifest
+from .pairs import intervened_attributes, intervention_targets, load_counterfactual_pairs, load_reference
 from .realism import fid, gaussian_kernel_bandwidth, image_mmd, kid, mmd, realism_metrics
 from .report import (
     markdown_table,
@@ -47,19 +55,8 @@ from .report import (
     write_markdown,
     write_report,
 )
+from .set_metrics import CounterfactualSetMetrics, counterfactual_metrics
 from .similarity import MS_SSIM_WEIGHTS, l1, ms_ssim, ms_ssim_config, psnr, similarity_metrics, ssim, ssim_window
-from . import evaluator, workflows  # noqa: E402  (``from monai_ld.evaluation import workflows`` in bundle configs)
-from .evaluator import (
-    CounterfactualEvaluator,
-    CounterfactualSetMetrics,
-    PipelineEditor,
-    counterfactual_metrics,
-    evaluate_counterfactuals,
-    intervention_targets,
-    load_counterfactual_pairs,
-    load_reference,
-)
-from .workflows import run_evaluation, run_sweep, train_oracle_from_manifest
 
 __all__ = [
     "EvaluationError",
@@ -102,6 +99,7 @@ __all__ = [
     "downstream_auc",
     # drift search
     "drift_grid",
+    "parse_drifts",
     "search_drift",
     "search_drift_distribution",
     "search_drift_counterfactual",
@@ -121,10 +119,11 @@ __all__ = [
     "PipelineEditor",
     "counterfactual_metrics",
     "evaluate_counterfactuals",
+    "intervened_attributes",
     "intervention_targets",
     "load_counterfactual_pairs",
     "load_reference",
-    "run_evaluation",
-    "run_sweep",
+    # the oracle job
+    "fit_oracle",
     "train_oracle_from_manifest",
 ]

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-from ..utils import atomic_write  # noqa: F401  (re-exported)
-
-import os
-from collections.abc import Callable
-
 import torch
+
+from ..utils import atomic_write  # noqa: F401  (re-exported)
 
 __all__ = ["EvaluationError", "check_images", "check_pair", "check_features", "check_feature_sets", "atomic_write", "to_float"]
 

@@ -13,7 +13,7 @@ from monai.metrics import compute_roc_auc
 
 from ..conditioning import AttributeEncoder, CategoricalAttribute
 from ._checks import EvaluationError, check_images, to_float
-from .oracle import AttributeOracle, train_oracle
+from .oracle import train_oracle
 
 __all__ = ["roc_auc", "binary_labels", "downstream_auc"]
 

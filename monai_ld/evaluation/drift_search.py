@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ from .oracle import AttributeOracle, FeatureExtractor, attribute_targets, extrac
 from .realism import fid, kid, mmd
 from .similarity import ssim as _ssim
 
-__all__ = ["drift_grid", "search_drift", "search_drift_distribution", "search_drift_counterfactual", "mean_image_l1", "oracle_loss"]
+__all__ = ["drift_grid", "parse_drifts", "search_drift", "search_drift_distribution", "search_drift_counterfactual", "mean_image_l1", "oracle_loss"]
 
 
 def drift_grid(start: float = -0.2, stop: float = 0.2, step: float = 0.05, decimals: int = 10) -> list[float]:
@@ -39,6 +40,35 @@ def drift_grid(start: float = -0.2, stop: float = 0.2, step: float = 0.05, decim
         raise EvaluationError(f"drift grid needs step > 0 and stop >= start, got {start}, {stop}, {step}")
     n = int(math.floor((stop - start) / step + 1e-9))
     return [round(start + i * step, decimals) + 0.0 for i in range(n + 1)]
+
+
+def parse_drifts(value: Any) -> list:
+    """``[0, "searched"]`` / ``"0,searched"`` / ``"-0.2:0.2:0.05"`` (inclusive grid) -> list of floats and ``"searched"``."""
+    if value is None:
+        return []
+    if isinstance(value, (int, float)):
+        return [float(value)]
+    if isinstance(value, str):
+        s = value.strip()
+        if s.count(":") == 2 and "," not in s:
+            a, b, c = (float(v) for v in s.split(":"))
+            return drift_grid(a, b, c)
+        value = [v for v in s.replace(" ", "").split(",") if v]
+    out: list = []
+    for v in value:
+        if isinstance(v, str) and v.strip().lower() in ("searched", "best"):
+            out.append("searched")
+            continue
+        try:
+            f = float(v)
+        except (TypeError, ValueError):
+            raise EvaluationError(f"drift values are numbers or 'searched', got {v!r}") from None
+        if not math.isfinite(f) or not -1.0 <= f <= 1.0:
+            raise EvaluationError(f"drift values must be in [-1, 1], got {v!r}")
+        out.append(f)
+    if not out:
+        raise EvaluationError(f"no drift values in {value!r}")
+    return out
 
 
 def search_drift(

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from .pairs import manifest_path, read_manifest
+
 __all__ = [
     "STRUCTURES", "TISSUE_LABELS", "structure_regions", "intensity_levels", "structure_volumes", "volume_change",
     "label_volume_change", "match_intensity", "volume_agreement", "pair_volume_changes", "summarize_volume_changes",
@@ -291,12 +293,12 @@ def summarize_volume_changes(per_pair: Sequence[Mapping[str, Mapping[str, float]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# the evaluator's hook (monai_ld.evaluation.workflows.run_evaluation)
+# the evaluator's hook (monai_ld.jobs.run_evaluation)
 # ---------------------------------------------------------------------------------------------------------------
 def load_pair_labels(manifest: str, pairs: Sequence[Mapping], notes: dict | None = None) -> list[dict] | None:
     """The input's label map of each evaluation pair on the pair's preprocessed grid, and the label-map truth.
 
-    ``pairs``: from :func:`~.evaluator.load_counterfactual_pairs` (``image`` a MetaTensor that keeps its affine).
+    ``pairs``: from :func:`~.pairs.load_counterfactual_pairs` (``image`` a MetaTensor that keeps its affine).
     Label maps (manifest column ``label_path``) are resampled nearest-neighbour onto that grid; the true change comes
     from the manifest's native-resolution volume columns (``ventricle_ml``, ...) when present, else from the two
     resampled label maps. Returns ``[{"labels": (spatial) int array, "spacing": (3,), "true_ml": {structure: ml}}]``
@@ -304,8 +306,6 @@ def load_pair_labels(manifest: str, pairs: Sequence[Mapping], notes: dict | None
     """
     from monai.data import MetaTensor
     from monai.transforms import LoadImage, ResampleToMatch
-
-    from .evaluator import _abs_path, read_manifest
 
     rows = {r["image_id"]: r for r in read_manifest(manifest, _NoAttributes(), required=("image_id", "path"))}
     if not all((rows.get(p["image_id"], {}).get("label_path") or "").strip() for p in pairs):
@@ -320,7 +320,7 @@ def load_pair_labels(manifest: str, pairs: Sequence[Mapping], notes: dict | None
             raise ValueError("volumes need the preprocessed image's affine (a MetaTensor from the preprocessing chain)")
 
         def on_grid(row):
-            lab = load(_abs_path({**row, "path": row["label_path"]}))
+            lab = load(manifest_path({**row, "path": row["label_path"]}))
             return np.rint(resample(lab.float(), img_dst=img)[0].numpy()).astype(np.int64)
 
         f, g = rows[p["image_id"]], rows[p["gt_id"]]
