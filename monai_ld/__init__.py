@@ -2,8 +2,8 @@
 
 The public names below load their module on first use: every ``monai_ld.<module>`` import runs this file first, so an
 eager import here would pull the upper layers (pipeline, bundle support) into every lower one, and ``import
-monai_ld`` would cost torch and MONAI before anything is used. Submodules (``from monai_ld import bundle_support``, as
-bundle configs write it) are found by the ordinary import machinery.
+monai_ld`` would cost torch and MONAI before anything is used. Submodules load the same way on attribute access
+(``monai_ld.bundle_support``; bundle configs' ``$from monai_ld import bundle_support`` is such an access).
 """
 
 import importlib as _importlib
@@ -32,10 +32,18 @@ __all__ = sorted(_PUBLIC)
 
 
 def __getattr__(name: str):
-    module = _PUBLIC.get(name)
-    if module is None:
-        raise AttributeError(f"module 'monai_ld' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(f".{module}", __name__), name)
+    if name in _PUBLIC:
+        value = getattr(_importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    elif not name.startswith("__"):
+        # a submodule: MONAI's config parser resolves `$from monai_ld import bundle_support` with getattr
+        try:
+            value = _importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     globals()[name] = value  # later lookups skip __getattr__
     return value
 
