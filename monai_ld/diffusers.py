@@ -25,7 +25,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, FlowMatchEulerDiscreteSchedu
 
 from monai_ld.conditioning import NULL_VALUE
 from monai_ld.drift import Drift, DriftTarget, apply_step_drift, drift_noise, is_zero_drift
-from monai_ld.sampling.steps import to_x0_eps
+from monai_ld.schedulers.ddim import to_x0_eps
 
 __all__ = ["DriftedScheduler", "forward_drift", "ld_counterfactual", "DiffusersCounterfactual"]
 

@@ -21,7 +21,8 @@ from .sampling.edit import Abduction, Composition, CounterfactualOutput
 from .sampling.loops import InversionOutput
 from .sampling.mask import mask_to_image
 from .sampling.noise import Generators
-from .sampling.steps import ddim_inversion_step, strength_timesteps
+from .sampling.steps import strength_timesteps
+from .schedulers import ddim_inversion_step
 
 __all__ = [
     "Abduction",

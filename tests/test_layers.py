@@ -50,13 +50,8 @@ LAYERS = {
     "monai_ld.label": 6,
 }
 
-# (importer, imported) -> why it is still allowed; keep this short (both belong to the sampling refactor, issue #15)
-EXCEPTIONS: dict[tuple[str, str], str] = {
-    ("monai_ld.networks.model", "monai_ld.drift"):
-        "the checkpoint records the training DriftTarget, an enum defined beside the drift itself",
-    ("monai_ld.diffusers", "monai_ld.sampling.steps"):
-        "the diffusers drift reuses sampling's x0/eps conversion (it took it from the inferer before)",
-}
+# (importer, imported) -> why it is still allowed; keep this short
+EXCEPTIONS: dict[tuple[str, str], str] = {}
 
 
 def _modules() -> dict[str, Path]:

@@ -26,7 +26,6 @@ import torch
 from torch import nn
 
 from ..conditioning import AttributeEncoder
-from ..drift import DriftTarget
 from ..utils import atomic_write
 from .presets import build_autoencoder, build_scheduler, build_unet, scheduler_config
 
@@ -53,8 +52,9 @@ class ConditionalLDM(nn.Module):
         attributes: an :class:`AttributeEncoder` or its config list.
         scale_factor: latent scale (``1 / std`` of the training latents is the usual choice).
         scheduler: :func:`presets.scheduler_config` dict.
-        drift, drift_target, drift_initial_noise: LD defaults (training: :func:`monai_ld.drift.forward_drift`;
-            inference: :func:`monai_ld.inferers.make_inferer` builds the inferer from them).
+        drift, drift_initial_noise: LD defaults (:func:`monai_ld.inferers.make_inferer` builds the inferer from them).
+        drift_target: the training target, recorded (its meaning and validation are the training engines':
+            :class:`monai_ld.drift.DriftTarget`).
         mode: ``"crossattn"`` (context ``(B, 1, dim)``) or ``"concat"``.
         meta: free JSON-able facts (image size, spacing, preprocessing, training record).
     """
@@ -85,7 +85,7 @@ class ConditionalLDM(nn.Module):
         self.scale_factor = float(scale_factor)
         self.scheduler_config = _jsonable(dict(scheduler or scheduler_config()))
         self.drift = float(drift)
-        self.drift_target = str(DriftTarget(drift_target))
+        self.drift_target = str(drift_target)
         self.drift_initial_noise = bool(drift_initial_noise)
         self.mode = mode
         self.meta = _jsonable(dict(meta or {}))

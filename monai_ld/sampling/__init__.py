@@ -1,7 +1,7 @@
 """Sampling as small parts: plain functions of the networks, a MONAI scheduler and explicit ``torch.Generator`` s.
 
 - :mod:`.noise`: noise drawing (one generator, or one per batch item), rewinding a generator;
-- :mod:`.steps`: one guided denoiser evaluation, one reverse step, one DDIM inversion step, strength timesteps;
+- :mod:`.steps`: one guided denoiser evaluation, one reverse step, strength timesteps;
 - :mod:`.loops`: inversion, the reverse process with Latent Drifting, stochastic noising;
 - :mod:`.mask`: the DiffEdit mask;
 - :mod:`.edit`: the counterfactual (abduction -> action -> prediction, paired composition, localised edits).
@@ -13,7 +13,7 @@ from .edit import Abduction, Composition, CounterfactualOutput, counterfactual
 from .loops import InversionOutput, denoise, invert, noise_latents
 from .mask import edit_mask, mask_to_image
 from .noise import Generators, derive_generator, generator_state, randn, restore_generator_state
-from .steps import ddim_inversion_step, predict, scheduler_step, strength_timesteps, to_x0_eps
+from .steps import predict, scheduler_step, strength_timesteps
 
 __all__ = [
     "Abduction",
@@ -22,7 +22,6 @@ __all__ = [
     "Generators",
     "InversionOutput",
     "counterfactual",
-    "ddim_inversion_step",
     "denoise",
     "derive_generator",
     "edit_mask",
@@ -35,5 +34,4 @@ __all__ = [
     "restore_generator_state",
     "scheduler_step",
     "strength_timesteps",
-    "to_x0_eps",
 ]

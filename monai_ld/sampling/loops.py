@@ -11,9 +11,9 @@ import torch
 from monai.networks.schedulers import DDIMScheduler
 
 from ..drift import Drift, apply_step_drift, drift_noise
-from ..schedulers.rflow import is_rflow, next_timesteps, rflow_inversion_step
+from ..schedulers import ddim_inversion_step, is_rflow, next_timesteps, rflow_inversion_step
 from .noise import Generators, randn
-from .steps import ddim_inversion_step, predict, scheduler_step, strength_timesteps
+from .steps import predict, scheduler_step, strength_timesteps
 
 __all__ = ["InversionOutput", "denoise", "invert", "noise_latents"]
 
@@ -54,7 +54,7 @@ def invert(
     cfg_fill_value: float = -1.0,
     verbose: bool = False,
 ) -> InversionOutput:
-    """Deterministic DDIM inversion of ``latents`` (scaled ``z_0``); with an ``RFlowScheduler`` the flow ODE run
+    """Deterministic DDIM inversion of ``latents`` (scaled ``z_0``, :func:`monai_ld.schedulers.ddim_inversion_step`); with an ``RFlowScheduler`` the flow ODE run
     backwards (:func:`monai_ld.schedulers.rflow_inversion_step`).
 
     Args:
