@@ -21,7 +21,7 @@ from monai.inferers import DiffusionInferer, SimpleInferer
 from monai.transforms import RandSpatialCropd
 
 from .bundle_support import ensure_phantoms, load_samples
-from .conditioning import AttributeEncoder
+from .conditioning import NULL_VALUE, AttributeEncoder
 from .engines.campaign import CampaignLog, RandomBatches, RngState, StagePlan, read_state, train_stage
 from .engines.losses import AutoencoderKLLoss
 from .engines.prepare_batch import AutoencoderPrepareBatch, LatentDriftPrepareBatch
@@ -120,19 +120,24 @@ def _autoencoder_iteration(campaign_dir: Path) -> int:
 
 def _denoising_loss(unet: torch.nn.Module, scheduler: Any, val: Sequence[Mapping[str, Any]], seed: int = 1234) -> dict:
     """Val MSE of the noise prediction at fixed noise and 4 fixed timesteps per latent, under the true condition:
-    comparable across checkpoints (the training loss is not: random timesteps, dropped conditions)."""
+    comparable across checkpoints (the training loss is not: random timesteps, dropped conditions).
+
+    ``val_condition_gain`` is the same loss under the null condition (the one classifier-free guidance contrasts
+    with) minus the loss under the true one: above 0 only once the network uses the attributes, which an edit needs."""
     g = torch.Generator().manual_seed(seed)
     dev = next(unet.parameters()).device
     z = torch.stack([v["image"] for v in val]).to(dev)
     cond = torch.stack([v["condition"] for v in val]).to(dev)
-    losses = []
+    losses, null = [], []
     with torch.no_grad():
         for t in (50, 250, 500, 750):
             noise = torch.randn(z.shape, generator=g).to(dev)  # drawn on the CPU: the same numbers on any device
             ts = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
-            pred = unet(scheduler.add_noise(z, noise, ts), timesteps=ts, context=cond)
-            losses.append(float(((pred - noise) ** 2).mean()))
-    return {"val_loss": sum(losses) / len(losses), **{f"val_loss_t{t}": v for t, v in zip((50, 250, 500, 750), losses)}}
+            noisy = scheduler.add_noise(z, noise, ts)
+            losses.append(float(((unet(noisy, timesteps=ts, context=cond) - noise) ** 2).mean()))
+            null.append(float(((unet(noisy, timesteps=ts, context=torch.full_like(cond, NULL_VALUE)) - noise) ** 2).mean()))
+    return {"val_loss": sum(losses) / len(losses), **{f"val_loss_t{t}": v for t, v in zip((50, 250, 500, 750), losses)},
+            "val_condition_gain": (sum(null) - sum(losses)) / len(losses)}
 
 
 def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> dict:

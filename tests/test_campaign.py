@@ -87,7 +87,7 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
     for r in ae_rows:  # val reconstruction and the ceiling on val's ground-truth pairs, at every checkpoint
         assert all(np.isfinite(float(r[k])) for k in ("val_recon_l1", "val_input_l1", "val_oracle_l1", "val_oracle_region_l1"))
     assert float(ae_rows[-1]["lr"]) < float(ae_rows[0]["lr"])  # the schedule decays
-    assert all(np.isfinite(float(r["val_loss"])) for r in rows if r["stage"] == "diffusion")
+    assert all(np.isfinite(float(r[k])) for r in rows if r["stage"] == "diffusion" for k in ("val_loss", "val_condition_gain"))
     # the gate before the diffusion stage: the autoencoder's ceiling on val pairs must beat the input
     from monai_ld.campaign import _ceiling_not_met
 
