@@ -193,8 +193,8 @@ def _bench_quick() -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 def test_bench_native_quick():
-    """``bench_native.py --quick`` runs end to end and prints every section with its bar (about 90 s on one CPU
-    thread, hence slow)."""
+    """``bench_native.py --quick`` runs end to end and prints every section with its bar (about 5 min on one CPU
+    thread: seven fresh processes, each loading torch, MONAI and the model; hence slow, not under 60 s)."""
     t0 = time.perf_counter()
     r = _bench_quick()
     assert r.returncode == 0, r.stderr[-3000:]
