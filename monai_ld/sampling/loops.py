@@ -54,8 +54,8 @@ def invert(
     cfg_fill_value: float = -1.0,
     verbose: bool = False,
 ) -> InversionOutput:
-    """Deterministic DDIM inversion of ``latents`` (scaled ``z_0``, :func:`monai_ld.schedulers.ddim_inversion_step`); with an ``RFlowScheduler`` the flow ODE run
-    backwards (:func:`monai_ld.schedulers.rflow_inversion_step`).
+    """Deterministic DDIM inversion of ``latents`` (scaled ``z_0``; :func:`monai_ld.schedulers.ddim_inversion_step`),
+    with an ``RFlowScheduler`` the flow ODE run backwards (:func:`monai_ld.schedulers.rflow_inversion_step`).
 
     Args:
         strength: fraction of the scheduler's inference steps to invert (1 = all the way to noise).
@@ -69,7 +69,8 @@ def invert(
     """
     rflow = is_rflow(scheduler)
     if not isinstance(scheduler, DDIMScheduler) and not rflow:
-        raise ValueError(f"DDIM inversion needs a DDIMScheduler (flow inversion an RFlowScheduler), got {type(scheduler).__name__}; use abduction='noising'")
+        raise ValueError(f"DDIM inversion needs a DDIMScheduler (flow inversion an RFlowScheduler), got "
+                         f"{type(scheduler).__name__}; use abduction='noising'")
     timesteps = strength_timesteps(scheduler, strength)
     lower = next_timesteps(timesteps).flip(0)  # RFlow: the level each inversion step starts from
     z = latents

@@ -1,6 +1,8 @@
 """Single steps: one denoiser evaluation (with classifier-free guidance), one reverse step, and the timesteps a
-partial edit runs over (the inversion steps are scheduler arithmetic: :mod:`monai_ld.schedulers`). Shapes: latents ``(B, C_lat, *spatial)``; cross-attention conditions
-``(B, 1, dim)``; ``mode="concat"`` conditions ``(B, C_cond, *spatial)``.
+partial edit runs over (the inversion steps are scheduler arithmetic: :mod:`monai_ld.schedulers`).
+
+Shapes: latents ``(B, C_lat, *spatial)``; cross-attention conditions ``(B, 1, dim)``; ``mode="concat"`` conditions
+``(B, C_cond, *spatial)``.
 """
 
 from __future__ import annotations
