@@ -177,7 +177,8 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
                        RngState({"batches": g_batches, "noise": g_noise}), deadline,
                        validate=lambda net: _denoising_loss(net, scheduler, val_lat), meta=meta,
-                       optimizer_state_dtype=section.get("optimizer_state_dtype"), **ctx["save"])
+                       optimizer_state_dtype=section.get("optimizer_state_dtype"), autocast=section.get("autocast"),
+                       **ctx["save"])
 
 
 def run_campaign(

@@ -143,6 +143,26 @@ def test_compact_optimizer_state_loads_back_as_float32():
         assert torch.allclose(got["exp_avg_sq"], ref["exp_avg_sq"], rtol=1e-2, atol=1e-12)
 
 
+def test_autocast_inferer_trains_in_bfloat16_with_float32_weights():
+    from monai.inferers import DiffusionInferer
+    from monai.networks.schedulers import DDPMScheduler
+
+    from monai_ld.engines.campaign import AutocastInferer
+    from monai_ld.networks.presets import build_unet
+
+    torch.manual_seed(0)
+    unet = build_unet({"spatial_dims": 3, "in_channels": 2, "out_channels": 2, "channels": [8, 16], "num_res_blocks": 1,
+                       "attention_levels": [False, False], "norm_num_groups": 8})
+    seen = []
+    unet.conv_in.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    inferer = AutocastInferer(DiffusionInferer(DDPMScheduler(num_train_timesteps=100)), "bfloat16", "cpu")
+    x, noise = torch.randn(2, 2, 8, 8, 8), torch.randn(2, 2, 8, 8, 8)
+    out = inferer(x, unet, noise=noise, timesteps=torch.tensor([3, 50]))
+    assert seen == [torch.bfloat16] and out.dtype == torch.float32  # computed in bf16, handed to the loss in fp32
+    ((out - noise) ** 2).mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in unet.parameters() if p.requires_grad)
+
+
 def test_warmup_cosine_schedule():
     f = warmup_cosine(StagePlan(total_iterations=100, lr=1.0, warmup=10, final_lr_fraction=0.1))
     assert f(0) == pytest.approx(1 / 11) and f(9) == pytest.approx(10 / 11)
