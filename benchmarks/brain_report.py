@@ -58,7 +58,7 @@ if labels is None:
 cfs = []
 for q in pairs:
     plan = pipe.resolve({k: q["target"][k] for k in q["intervened"]}, q["source"], drift=a.drift, strength=a.strength,
-                        num_inference_steps=a.steps, guidance=a.guidance, composition=a.composition,
+                        num_inference_steps=a.steps, guidance_scale=a.guidance, composition=a.composition,
                         mask_threshold=a.mask_threshold)
     cfs.append(pipe.edit(q["image"][None].float(), plan).image[0].cpu())
 x = torch.stack([q["image"].as_tensor() if hasattr(q["image"], "as_tensor") else q["image"] for q in pairs]).float()
@@ -119,7 +119,7 @@ def gt_err(idx: list[int]) -> dict:
 vols = evaluation_volumes({"input": x, "counterfactual": cf, "ground_truth": gt, "intervened": [q["intervened"] for q in pairs]},
                           labels)["per_attribute"]
 report = {"bundle": b.name, "checkpoint": str(a.checkpoint or "models/model.pt"), "split": a.split, "n": len(pairs),
-          "settings": {"steps": a.steps, "guidance": a.guidance, "strength": a.strength, "drift": a.drift,
+          "settings": {"num_inference_steps": a.steps, "guidance_scale": a.guidance, "strength": a.strength, "drift": a.drift,
                        "mask_threshold": a.mask_threshold, "composition": a.composition, "defaults": pipe.defaults},
           "per_attribute": {}}
 for name, idx in sorted(groups.items()):

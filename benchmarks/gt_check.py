@@ -113,7 +113,7 @@ for guidance, strength, d, mt in itertools.product(a.guidances, a.strengths, a.d
     cfs, recs = [], []
     for q in pairs:
         plan = pipe.resolve({k: q["target"][k] for k in q["intervened"]}, q["source"], drift=d, strength=strength,
-                            num_inference_steps=a.steps, guidance=guidance, composition=a.composition, mask_threshold=mt)
+                            num_inference_steps=a.steps, guidance_scale=guidance, composition=a.composition, mask_threshold=mt)
         out = pipe.edit(q["image"][None].float(), plan)
         cfs.append(out.image[0]), recs.append(out.reconstruction[0])
     cf, rec = torch.stack(cfs), torch.stack(recs)
@@ -124,7 +124,7 @@ for guidance, strength, d, mt in itertools.product(a.guidances, a.strengths, a.d
         by[name] = {"n": len(idx), "cf_l1": _r(r, "counterfactual", "l1"), "input_l1": _r(r, "input", "l1"),
                     "cf_ssim": _r(r, "counterfactual", "ssim"), "input_ssim": _r(r, "input", "ssim")}
     rr = ground_truth_error(rec, gt, x)
-    print(json.dumps({"split": a.split, "pairs": [a.skip, a.skip + len(pairs)], "guidance": guidance if guidance is not None else pipe.defaults["guidance"],
+    print(json.dumps({"split": a.split, "pairs": [a.skip, a.skip + len(pairs)], "guidance_scale": guidance if guidance is not None else pipe.defaults["guidance_scale"],
                       "strength": strength if strength is not None else pipe.defaults["strength"],
                       "drift": d, "composition": a.composition or pipe.defaults["composition"],
                       "mask_threshold": mt if mt is not None else pipe.defaults.get("mask_threshold"), "n": len(pairs),

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from .bundles import resolve_bundle
-from .composition import OUTPUT_SPACES
-from .inferers import Abduction, Composition
+from .settings import EditSettings
+
 
 def _sample(bundle: Path) -> dict:
     f = bundle / "sample_data" / "sample.json"
@@ -29,12 +29,6 @@ def _checkpoint(bundle: Path, name: str = "model.pt") -> Path:
     return ckpt
 
 
-def _settings(args: argparse.Namespace) -> dict:
-    return {"drift": args.drift, "strength": args.strength, "guidance": args.guidance, "seed": args.seed,
-            "num_inference_steps": args.steps, "composition": args.composition, "mask_threshold": args.mask_threshold,
-            "abduction": args.abduction, "output_space": args.output_space, "samples": args.samples}
-
-
 def _print_outputs(outputs: dict, record_path: str) -> None:
     rec = json.loads(Path(record_path).read_text())
     print(f"counterfactual of {rec['input']}")
@@ -45,8 +39,8 @@ def _print_outputs(outputs: dict, record_path: str) -> None:
         print(f"  source estimated by the attribute predictor: {est['values']} ({conf}); given values kept: "
               f"{est['given'] or 'none'}")
     print(f"  target: {rec['target']}")
-    print(f"  drift={rec['drift']} strength={rec['strength']} guidance={rec['guidance']} seed={rec['seed']} "
-          f"steps={rec['num_inference_steps']} samples={rec.get('samples', 1)} ({rec['seconds']} s)")
+    print("  " + " ".join(f"{k}={rec[k]}" for k in ("drift", "strength", "guidance_scale", "seed", "num_inference_steps",
+                                                   "samples")) + f" ({rec['seconds']} s)")
     if rec.get("output_space") == "native":
         reg = rec["region"]
         where = "everywhere in the model's field of view" if reg["region_voxels"] is None else \
@@ -57,7 +51,8 @@ def _print_outputs(outputs: dict, record_path: str) -> None:
 
 
 def cmd_counterfactual(args: argparse.Namespace) -> int:
-    from .pipeline import CounterfactualPipeline, parse_attribute_args
+    from .bundle_support import load_pipeline
+    from .pipeline import parse_attribute_args
 
     bundle = resolve_bundle(args.bundle)
     auto = any(s.strip().lower() == "auto" for s in args.source or [])
@@ -65,32 +60,32 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
     source = parse_attribute_args([s for s in args.source or [] if s.strip().lower() != "auto"])
     if args.input_list and (args.edit_mask or args.keep_mask):
         raise ValueError("with --input-list give masks per row (CSV columns edit_mask / keep_mask), not --edit-mask/--keep-mask")
-    pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
+    pipe = load_pipeline(_checkpoint(bundle), device=args.device)
     if args.input_list:
         from .cohort import run_cohort
 
         results, failed = run_cohort(pipe, args.input_list, args.output_dir, target, source or None, overwrite=args.overwrite,
-                                     batch_size=args.batch_size, estimate_source=auto, **{k: v for k, v in _settings(args).items() if v is not None})
+                                     batch_size=args.batch_size, estimate_source=auto, **EditSettings.from_args(args))
         counts = {s: sum(r["status"] == s for r in results) for s in ("done", "skipped (done)", "failed")}
         print(f"{len(results)} rows: {counts['done']} done, {counts['skipped (done)']} skipped (finished before), "
               f"{failed} failed; summary: {Path(args.output_dir) / 'summary.csv'}")
         return 1 if failed else 0
     outputs = pipe.run_to_dir(args.input, args.output_dir, target=target, source=source or None,
                               overwrite=args.overwrite, edit_mask=args.edit_mask, keep_mask=args.keep_mask,
-                              estimate_source=auto, **{k: v for k, v in _settings(args).items() if v is not None})
+                              estimate_source=auto, **EditSettings.from_args(args))
     _print_outputs(outputs, outputs["record"])
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .pipeline import CounterfactualPipeline
+    from .bundle_support import load_pipeline
 
     bundle = resolve_bundle(args.bundle)
     sample = _sample(bundle)
-    pipe = CounterfactualPipeline.from_checkpoint(_checkpoint(bundle), device=args.device)
+    pipe = load_pipeline(_checkpoint(bundle), device=args.device)
     print(f"bundle {bundle.name}: {sample.get('description', '')}")
     outputs = pipe.run_to_dir(sample["input"], args.output_dir, target=sample["target"], source=sample.get("source"),
-                              overwrite=args.overwrite, **{k: v for k, v in _settings(args).items() if v is not None})
+                              overwrite=args.overwrite, **EditSettings.from_args(args))
     _print_outputs(outputs, outputs["record"])
     print(f"open {outputs['figure']} to see input / counterfactual / difference")
     return 0
@@ -163,36 +158,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
                                                    "seed": args.seed}, args.nproc)
 
 
-def _threshold_or_none(value: str) -> float | str:
-    if value.strip().lower() == "none":
-        return "none"  # explicit: no mask (None would mean "the model's default")
-    try:
-        return float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1) or 'none', got {value!r}") from None
-
-
 def _edit_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("edit settings (default: the bundle's)")
-    g.add_argument("--drift", type=float, help="Latent Drifting δ added after every denoising step (typical -0.2..0.2)")
-    g.add_argument("--strength", type=float, help="fraction of the diffusion steps inverted and regenerated, 0..1")
-    g.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = none)")
-    g.add_argument("--seed", type=int, help="random seed")
-    g.add_argument("--steps", type=int, help="DDIM inference steps")
-    g.add_argument("--composition", choices=[c.value for c in Composition],
-                   help="residual: input + (D(z') - D(z)); paired: input + (D(z') - D(z_source)), the same noise regenerated under the source attributes (identity edit = input)")
-    g.add_argument("--mask-threshold", type=_threshold_or_none, dest="mask_threshold",
-                   help="localise the edit (DiffEdit mask where the condition changes the noise prediction; in (0, 1), "
-                        "higher = smaller region; 'none' = no mask; default: the model's)")
-    g.add_argument("--abduction", choices=[a.value for a in Abduction],
-                   help="inversion: deterministic DDIM inversion (default); noising: stochastic (default with --samples > 1)")
-    g = p.add_argument_group("output")
-    g.add_argument("--output-space", choices=OUTPUT_SPACES, dest="output_space",
-                   help="native (default): input + the model's change on the input's own grid, units and dtype, every "
-                        "voxel outside the edit region the input's own; model: the whole model output resampled to the "
-                        "input's geometry (model intensity scale, the model grid's resolution)")
-    g.add_argument("--samples", type=int, help="N counterfactuals from seeds seed..seed+N-1 in one batch: the mean is "
-                   "the counterfactual, the per-voxel standard deviation is written as uncertainty.nii.gz")
+    EditSettings.add_arguments(p.add_argument_group("edit settings (default: the bundle's)"))
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")
 

@@ -14,8 +14,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["bundle_root", "ensure_phantoms", "load_samples", "run_inference", "train_autoencoder", "train_diffusion",
-           "finetune", "device"]
+from .settings import EditSettings
+
+__all__ = ["bundle_root", "ensure_phantoms", "load_pipeline", "load_samples", "run_inference", "train_autoencoder",
+           "train_diffusion", "finetune", "device"]
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -133,7 +135,7 @@ def train_diffusion(samples: list[dict], autoencoder: str, output: str, attribut
     """Train the diffusion model and record in its checkpoint what inference needs (preprocessing, defaults)."""
     from .engines.training import train_diffusion as _train
 
-    meta = {"preprocessing": dict(preprocessing), "defaults": dict(defaults or {})}
+    meta = {"preprocessing": dict(preprocessing), "defaults": EditSettings.given(defaults)}
     return str(_train(samples, autoencoder, output, attributes, meta=meta, **kwargs))
 
 
@@ -144,23 +146,44 @@ def finetune(samples: list[dict], base_model: str, output: str, defaults: Mappin
     out = _finetune(samples, base_model, output, **kwargs)
     if defaults and int(os.environ.get("RANK", "0")) == 0:
         m = ConditionalLDM.load(out)
-        m.meta = {**m.meta, "defaults": {**m.meta.get("defaults", {}), **dict(defaults)}}
+        m.meta = {**m.meta, "defaults": EditSettings.given({**EditSettings.given(m.meta.get("defaults")), **defaults})}
         m.save(out)
     return str(out)
 
 
-def run_inference(checkpoint: str, input: str, output_dir: str, target: Any, source: Any = None, device: str = "cpu",
-                  overwrite: bool = False, **settings: Any) -> dict[str, str]:
-    """The bundle's inference: counterfactual of ``input`` written into ``output_dir``; prints where things went.
+INFERENCE_CONFIGS = ("common.json", "inference.json")  # what `python -m monai.bundle run` merges for inference
+
+
+def load_pipeline(checkpoint: str | os.PathLike, device: str = "cpu", overrides: Mapping[str, Any] | None = None):
+    """The :class:`~monai_ld.pipeline.CounterfactualPipeline` of ``checkpoint``: built from the components of its
+    bundle's ``configs/common.json`` + ``configs/inference.json`` (model, scheduler, inferer, preprocessing, settings;
+    ``overrides`` as ``{"inferer#drift": 0.1}``) when ``checkpoint`` is ``<bundle>/models/<file>`` of a bundle that has
+    them, else :meth:`~monai_ld.pipeline.CounterfactualPipeline.from_checkpoint`."""
+    from monai.bundle import ConfigParser
+
+    from .pipeline import CounterfactualPipeline
+
+    checkpoint = Path(checkpoint)
+    bundle = checkpoint.resolve().parent.parent
+    files = [bundle / "configs" / name for name in INFERENCE_CONFIGS]
+    if not all(f.is_file() for f in files):
+        return CounterfactualPipeline.from_checkpoint(checkpoint, device=device)
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in files])
+    parser.update({"bundle_root": str(bundle), "checkpoint": str(checkpoint), "device": device, **dict(overrides or {})})
+    return parser.get_parsed_content("pipeline")
+
+
+def run_inference(pipeline: Any, input: str, output_dir: str, target: Any, source: Any = None, overwrite: bool = False,
+                  edit_mask: str | None = None, keep_mask: str | None = None) -> dict[str, str]:
+    """The bundle's inference: ``pipeline``'s counterfactual of ``input`` written into ``output_dir`` (settings: the
+    pipeline's, i.e. the config's ``settings`` component); prints where things went.
 
     ``target``/``source`` are dicts (or JSON / Python-literal strings of dicts, as a shell passes them).
     """
-    from .pipeline import CounterfactualPipeline
-
     target, source = _as_mapping(target, "target"), _as_mapping(source, "source")
-    pipe = CounterfactualPipeline.from_checkpoint(checkpoint, device=device)
-    outputs = pipe.run_to_dir(input, output_dir, target=target, source=source, overwrite=bool(overwrite),
-                              **{k: v for k, v in settings.items() if v is not None})
+    outputs = pipeline.run_to_dir(input, output_dir, target=target, source=source, overwrite=bool(overwrite),
+                                  edit_mask=edit_mask, keep_mask=keep_mask)
     print(json.dumps(outputs, indent=2))
     return outputs
 

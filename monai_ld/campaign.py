@@ -28,6 +28,7 @@ from .engines.prepare_batch import AutoencoderPrepareBatch, LatentDriftPrepareBa
 from .engines.training import AUTOENCODER_FORMAT, encode_latents, scale_factor_from_latents
 from .networks.model import ConditionalLDM, atomic_torch_save
 from .networks.presets import build_autoencoder, build_scheduler, build_unet
+from .settings import EditSettings
 
 __all__ = ["run_campaign", "campaign_autoencoder", "export_autoencoder", "export_model", "STAGES"]
 
@@ -280,7 +281,7 @@ def export_model(campaign_dir: str | Path, output: str | Path, attributes: Seque
               for k, s in (("autoencoder", ae_state), ("diffusion", d_state))}
     model = ConditionalLDM(ae_state["meta"]["config"], m["unet"], list(attributes), scale_factor=m["scale_factor"],
                            scheduler=m["scheduler"], drift=m["drift"], drift_target=m["drift_target"],
-                           meta={"preprocessing": dict(preprocessing), "defaults": dict(defaults or {}), "campaign": record})
+                           meta={"preprocessing": dict(preprocessing), "defaults": EditSettings.given(defaults), "campaign": record})
     model.autoencoder.load_state_dict(campaign_autoencoder(campaign_dir).state_dict())
     model.unet.load_state_dict(d_state.get("ema") or d_state["network"])
     return model.save(output)

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from .settings import OUTPUT_SPACES
 from .transforms import INTENSITY_RANGE_KEY, LoadMedicalImage, restore_to_input_space
 
 __all__ = ["OUTPUT_SPACES", "STORED_DTYPE_KEY", "MaskGeometryError", "load_native", "load_mask", "intensity_scale", "compose",
            "compose_in_input_space", "mask_summary"]
-
-OUTPUT_SPACES = ("native", "model")
 
 
 class MaskGeometryError(ValueError):

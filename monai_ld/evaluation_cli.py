@@ -14,7 +14,10 @@ import argparse
 import json
 from pathlib import Path
 
+from .settings import EditSettings
+
 CONFIG = "configs/evaluate.json"
+_SETTINGS = ("num_inference_steps", "strength", "guidance_scale", "seed")  # what evaluate.json's settings name
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -23,10 +26,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, help="where report.json, report.md and the PNGs go")
     p.add_argument("--split", default=None, help="split whose images are edited (evaluate: test; sweep-drift: val)")
     p.add_argument("--max-subjects", type=int, default=None, help="at most this many factual images")
-    p.add_argument("--steps", type=int, default=None, help="DDIM inference steps per edit (fewer = faster)")
-    p.add_argument("--strength", type=float, default=None, help="edit strength in [0, 1]")
-    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
-    p.add_argument("--seed", type=int, default=None)
+    EditSettings.add_arguments(p, only=_SETTINGS)
     p.add_argument("--drifts", default=None,
                    help="δ values: comma list (evaluate also takes 'searched', e.g. 0,searched) or a grid a:b:step")
     p.add_argument("--oracle", default=None, help="attribute oracle checkpoint (default: <bundle>/models/oracle.pt)")
@@ -107,9 +107,8 @@ def _parser(args: argparse.Namespace):
     if args.threads is not None:
         parser["num_threads"] = args.threads
     parser["progress"] = not args.quiet
-    for opt, key in (("steps", "num_inference_steps"), ("strength", "strength"), ("guidance", "guidance"), ("seed", "seed")):
-        if getattr(args, opt) is not None:
-            parser[f"settings#{key}"] = getattr(args, opt)
+    for key, value in EditSettings.from_args(args).items():
+        parser[f"settings#{key}"] = value
     return parser
 
 

@@ -8,6 +8,7 @@ drifted noise (:func:`monai_ld.drift.forward_drift`), so the inherited ``__call_
 
 from __future__ import annotations
 
+import copy
 from functools import partial
 from typing import Any
 
@@ -45,6 +46,7 @@ class LatentDriftInferer(LatentDiffusionInferer):
         scale_factor: multiplies the autoencoder latents before the diffusion model (divided out before decoding).
         ldm_latent_shape, autoencoder_latent_shape: as in ``LatentDiffusionInferer``.
         drift: default δ for sampling and editing (``0`` = plain latent diffusion).
+        num_inference_steps: sets the scheduler's timesteps (``None``: as the scheduler comes).
         drift_initial_noise: also start from noise drawn around δ (``z_T ~ N(δ, I)``, the start a model trained with
             forward drift and the ``shifted`` target has learned); off by default, so that drift is exactly
             "+δ after every step" as specified.
@@ -54,11 +56,23 @@ class LatentDriftInferer(LatentDiffusionInferer):
     """
 
     def __init__(self, scheduler: Any, scale_factor: float = 1.0, ldm_latent_shape: list | None = None,
-                 autoencoder_latent_shape: list | None = None, drift: float = 0.0, drift_initial_noise: bool = False) -> None:
+                 autoencoder_latent_shape: list | None = None, drift: float = 0.0, drift_initial_noise: bool = False,
+                 num_inference_steps: int | None = None) -> None:
         super().__init__(scheduler=scheduler, scale_factor=scale_factor, ldm_latent_shape=ldm_latent_shape,
                          autoencoder_latent_shape=autoencoder_latent_shape)
         self.drift = float(drift)
         self.drift_initial_noise = bool(drift_initial_noise)
+        if num_inference_steps is not None:
+            scheduler.set_timesteps(int(num_inference_steps))
+
+    def with_steps(self, num_inference_steps: int) -> LatentDriftInferer:
+        """This inferer over its own copy of the scheduler with ``num_inference_steps`` timesteps: a scheduler may
+        keep state between steps (PNDM), and requests run concurrently."""
+        inferer = copy.copy(self)
+        inferer.scheduler = copy.deepcopy(self.scheduler)
+        if getattr(inferer.scheduler, "num_inference_steps", None) != int(num_inference_steps):
+            inferer.scheduler.set_timesteps(int(num_inference_steps))
+        return inferer
 
     def _drift(self, drift: Drift | None) -> Drift:
         return self.drift if drift is None else drift

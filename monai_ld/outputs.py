@@ -96,7 +96,7 @@ def figure_title(rec: Mapping[str, Any]) -> str:
     if rec.get("samples", 1) > 1:
         extra += f", {rec['samples']} samples"
     return (f"source: {_fmt(rec['source'])}\ntarget: {_fmt(rec['target'])}\nδ={rec['drift']:g}, strength={rec['strength']:g}, "
-            f"guidance={rec['guidance']}, composition={rec['composition']}, seed={rec['seed']}{extra}, "
+            f"guidance_scale={rec['guidance_scale']}, composition={rec['composition']}, seed={rec['seed']}{extra}, "
             f"output space: {rec.get('output_space', 'model')}")
 
 

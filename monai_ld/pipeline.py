@@ -24,6 +24,7 @@ nothing written until everything has been computed):
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -34,21 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from .composition import OUTPUT_SPACES, STORED_DTYPE_KEY, _on_grid, compose_in_input_space, load_mask, load_native, mask_summary
+from .composition import STORED_DTYPE_KEY, _on_grid, compose_in_input_space, load_mask, load_native, mask_summary
 from .conditioning import ConditionError
-from .inferers import Abduction, Composition, make_inferer, mask_to_image
+from .inferers import LatentDriftInferer, make_inferer, mask_to_image
 from .networks.model import ConditionalLDM
 from .outputs import as_2d, display_volume, figure_title, png_bits, write_figure, write_native_png, write_png
+from .settings import EditSettings
 from .transforms.chains import build_chain
 from .utils import atomic_write
 
-__all__ = ["CounterfactualPipeline", "DEFAULT_SETTINGS", "build_chain", "parse_attribute_args"]
+__all__ = ["CounterfactualPipeline", "EditSettings", "build_chain", "parse_attribute_args"]
 
-DEFAULT_SETTINGS = {"drift": 0.0, "strength": 0.6, "guidance": 3.0, "seed": 0, "num_inference_steps": 50,
-                    "composition": "none", "abduction": "inversion", "mask_threshold": None, "output_space": "native",
-                    "samples": 1}
-_SETTING_KEYS = tuple(DEFAULT_SETTINGS)
-MAX_SAMPLES = 64
 _png_bits, _write_png = png_bits, write_png  # old private names (tests, scripts)
 
 
@@ -63,28 +60,39 @@ def parse_attribute_args(pairs: list[str] | None) -> dict[str, str]:
     return out
 
 
-def _float_or_none(value: Any) -> float | None:
-    """A setting where ``None`` / ``"none"`` means off (guidance: no CFG; mask_threshold: no mask)."""
-    return None if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "")) else float(value)
-
-
 class CounterfactualPipeline:
-    """A trained :class:`ConditionalLDM` with its preprocessing and default edit settings.
+    """A trained :class:`ConditionalLDM` with its inferer, preprocessing and default edit settings.
+
+    Built from its parts by a bundle's ``configs/inference.json`` (each one a component a user can override), or in
+    one call by :meth:`from_checkpoint`.
 
     Args:
-        model: the model (its ``meta["preprocessing"]`` names the chain: ``{"chain": "brain_mri"|"chest_xray", ...kwargs}``).
-        defaults: edit settings overriding :data:`DEFAULT_SETTINGS` (else ``model.meta["defaults"]``).
+        model: the model.
+        defaults: edit settings overriding ``settings`` (old names accepted, see :class:`EditSettings`).
         device: torch device.
+        inferer: the :class:`LatentDriftInferer` (its scheduler; each edit runs on a copy with the plan's steps and
+            δ); default: :func:`make_inferer` of the model.
+        preprocessing: the preprocessing transform, or its chain dict ``{"chain": "brain_mri"|"chest_xray",
+            ...kwargs}``; default: the model's ``meta["preprocessing"]``.
+        settings: the default :class:`EditSettings` (or a mapping); default: the model's ``meta["defaults"]``.
+        checkpoint: the model's file (the bundle's attribute predictor lies beside it).
     """
 
-    def __init__(self, model: ConditionalLDM, defaults: Mapping[str, Any] | None = None, device: str = "cpu"):
+    def __init__(self, model: ConditionalLDM, defaults: Mapping[str, Any] | None = None, device: str = "cpu",
+                 inferer: LatentDriftInferer | None = None, preprocessing: Any = None,
+                 settings: EditSettings | Mapping[str, Any] | None = None,
+                 checkpoint: str | os.PathLike | None = None):
         self.model = model.to(device).eval()
         self.device = torch.device(device)
-        self.defaults = {**DEFAULT_SETTINGS, **model.meta.get("defaults", {}), **(defaults or {})}
-        prep = dict(model.meta.get("preprocessing", {}))
+        self.inferer = inferer
+        base = model.meta.get("defaults", {}) if settings is None else settings
+        self.settings = EditSettings.from_mapping(defaults, base)
+        prep = dict(model.meta.get("preprocessing", {}) if preprocessing is None or callable(preprocessing)
+                    else preprocessing)
         self.chain_name = prep.pop("chain", "brain_mri" if model.spatial_dims == 3 else "chest_xray")
         self.chain_kwargs = prep
-        self.checkpoint: Path | None = None  # set by from_checkpoint (the attribute predictor lies beside it)
+        self.preprocessing = preprocessing if callable(preprocessing) else None
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "cpu", tile_threshold: float | None = None,
@@ -92,28 +100,42 @@ class CounterfactualPipeline:
         """``tile_threshold``: image voxels per item above which the autoencoder runs in overlapping windows of its
         training patch (bounded memory; default :data:`~monai_ld.networks.tiling.DEFAULT_TILE_THRESHOLD`, 0 = always,
         ``math.inf`` = never; see :mod:`monai_ld.networks.tiling`)."""
+        return cls(cls.load_model(path, device, tile_threshold), defaults, device, checkpoint=path)
+
+    @staticmethod
+    def load_model(path: str | os.PathLike, device: str = "cpu", tile_threshold: float | None = None) -> ConditionalLDM:
+        """The checkpoint's model (``weights_only``), its autoencoder tiled (see :meth:`from_checkpoint`)."""
         from .networks.tiling import tile_autoencoder
 
         model = ConditionalLDM.load(path, map_location=device)
         tile_autoencoder(model, path, tile_threshold)
-        pipe = cls(model, {k: v for k, v in defaults.items() if v is not None}, device)
-        pipe.checkpoint = Path(path)
-        return pipe
+        return model
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.settings.asdict()
+
+    @property
+    def scheduler_name(self) -> str:
+        if self.inferer is not None:
+            return type(self.inferer.scheduler).__name__
+        return f"{self.model.scheduler_config.get('name', 'DDIM')}Scheduler"
 
     @property
     def encoder(self):
         return self.model.encoder
 
     def transform(self):
+        """A fresh preprocessing chain per input (requests run concurrently)."""
+        if self.preprocessing is not None:
+            return copy.deepcopy(self.preprocessing)
         return build_chain({"chain": self.chain_name, **self.chain_kwargs})
 
     # -- settings ---------------------------------------------------------------------------------------------------
     def resolve(self, target: Mapping[str, Any], source: Mapping[str, Any] | None = None, **settings: Any) -> dict[str, Any]:
-        """Validate attributes and settings; returns the full plan (clear :class:`ConditionError`/ValueError if bad)."""
-        unknown = [k for k in settings if k not in _SETTING_KEYS]
-        if unknown:
-            raise ValueError(f"unknown setting(s) {unknown}; accepted: {', '.join(_SETTING_KEYS)}")
-        plan = {**self.defaults, **{k: v for k, v in settings.items() if v is not None}}
+        """Validate attributes and settings (:class:`EditSettings` names or their old aliases); returns the plan:
+        ``EditSettings.asdict()`` plus ``source`` and ``target`` (clear :class:`ConditionError`/ValueError if bad)."""
+        edit = self.settings.update(settings)
         if not target:
             raise ConditionError(f"no target attributes given; accepted: {self.encoder.describe()}")
         src = self.encoder.validate(source) if source else None
@@ -124,40 +146,11 @@ class CounterfactualPipeline:
             raise ConditionError(
                 f"target is missing {', '.join(missing)}: give every attribute in the target, or give the input's own "
                 f"attributes as the source (the target then changes only what it names). Accepted: {self.encoder.describe()}")
-        try:
-            plan["drift"] = float(plan["drift"])
-            plan["strength"] = float(plan["strength"])
-            plan["guidance"] = _float_or_none(plan["guidance"])
-            plan["seed"] = int(plan["seed"])
-            plan["num_inference_steps"] = int(plan["num_inference_steps"])
-            plan["mask_threshold"] = _float_or_none(plan.get("mask_threshold"))
-            plan["samples"] = int(plan.get("samples") or 1)
-            plan["composition"] = Composition(str(plan["composition"]).strip().lower()).value
-            plan["abduction"] = Abduction(str(plan["abduction"]).strip().lower()).value
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"bad setting value: {e}") from None
-        if not 0.0 <= plan["strength"] <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {plan['strength']}")
-        if not -1.0 <= plan["drift"] <= 1.0:
-            raise ValueError(f"drift must be in [-1, 1] (typical: -0.2..0.2), got {plan['drift']}")
-        if plan["guidance"] is not None and not 0.0 <= plan["guidance"] <= 50.0:
-            raise ValueError(f"guidance must be in [0, 50] or none, got {plan['guidance']}")
-        if plan["mask_threshold"] is not None and not 0.0 < plan["mask_threshold"] < 1.0:
-            raise ValueError(f"mask_threshold must be in (0, 1) or none (no mask), got {plan['mask_threshold']}")
-        if not 1 <= plan["num_inference_steps"] <= int(self.model.scheduler_config.get("num_train_timesteps", 1000)):
-            raise ValueError(f"num_inference_steps must be in [1, num_train_timesteps], got {plan['num_inference_steps']}")
-        plan["output_space"] = str(plan.get("output_space") or "native").strip().lower()
-        if plan["output_space"] not in OUTPUT_SPACES:
-            raise ValueError(f"output_space must be one of {', '.join(OUTPUT_SPACES)}, got {plan['output_space']!r}")
-        if not 1 <= plan["samples"] <= MAX_SAMPLES:
-            raise ValueError(f"samples must be in [1, {MAX_SAMPLES}], got {plan['samples']}")
-        if plan["samples"] > 1 and plan["abduction"] == Abduction.INVERSION:
-            if settings.get("abduction") is not None:
-                raise ValueError("samples > 1 need a stochastic abduction: DDIM inversion is deterministic, so every sample "
-                                 "would be the same; use abduction 'noising' (the default when samples > 1)")
-            plan["abduction"] = Abduction.NOISING.value  # each sample noises the input with its own seed
-        plan.update(source=src, target=tgt)
-        return plan
+        n_train = int(self.model.scheduler_config.get("num_train_timesteps", 1000))
+        if edit.num_inference_steps > n_train:
+            raise ValueError(f"num_inference_steps must be in [1, {n_train}] (the model's training timesteps), "
+                             f"got {edit.num_inference_steps}")
+        return {**edit.asdict(), "source": src, "target": tgt}
 
     # -- the edit ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -170,7 +163,8 @@ class CounterfactualPipeline:
         run alone. Every draw comes from these generators (never torch's global RNG), so concurrent edits with the same
         seed agree.
         """
-        inferer = make_inferer(self.model, plan["num_inference_steps"])
+        steps = plan["num_inference_steps"]
+        inferer = make_inferer(self.model, steps) if self.inferer is None else self.inferer.with_steps(steps)
         n = int(plan.get("samples", 1))
         seeded = lambda seed: torch.Generator(device=self.device).manual_seed(seed)  # noqa: E731
         generator: torch.Generator | list[torch.Generator] = seeded(plan["seed"])
@@ -192,7 +186,7 @@ class CounterfactualPipeline:
                                 torch.full_like(target[:1], -1.0) for r in rows])
         return inferer.counterfactual(
             image.to(self.device), self.model.autoencoder, self.model.unet, source, target,
-            strength=plan["strength"], guidance_scale=plan["guidance"], drift=plan["drift"], mode=self.model.mode,
+            strength=plan["strength"], guidance_scale=plan["guidance_scale"], drift=plan["drift"], mode=self.model.mode,
             composition=plan.get("composition", "none"), abduction=plan.get("abduction", "inversion"),
             mask_threshold=plan.get("mask_threshold"), generator=generator,
         )
@@ -261,10 +255,8 @@ class CounterfactualPipeline:
                       "preprocessing": {"chain": self.chain_name, **self.chain_kwargs}},
             "source": plan["source"], "source_mode": "given" if plan["source"] else "null (unconditional abduction)",
             "target": plan["target"],
-            "drift": plan["drift"], "strength": plan["strength"], "guidance": plan["guidance"], "seed": plan["seed"],
-            "num_inference_steps": plan["num_inference_steps"], "composition": plan["composition"],
-            "abduction": plan["abduction"], "mask_threshold": plan["mask_threshold"], "denoising_steps": out.settings["steps"],
-            "output_space": plan["output_space"], "samples": n, "seeds": [plan["seed"] + i for i in range(n)],
+            **{k: plan[k] for k in EditSettings.keys()}, "denoising_steps": out.settings["steps"],
+            "scheduler": self.scheduler_name, "seeds": [plan["seed"] + i for i in range(n)],
             "intensity": intensity,
             "region": mask_summary(region, prep["edit_mask"], prep["keep_mask"], plan["mask_threshold"])
             if native is not None else None,

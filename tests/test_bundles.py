@@ -29,13 +29,18 @@ def test_metadata_verifies_offline(name, tmp_path):
     assert r.returncode == 0 and "metadata is verified with no error" in r.stdout + r.stderr, r.stderr[-2000:]
 
 
+def bundle_run(name: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` of the bundle's inference: ``configs/common.json`` + ``configs/inference.json``."""
+    configs = [str(BUNDLES / name / "configs" / c) for c in ("common.json", "inference.json")]
+    return subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(configs), *overrides],
+                          capture_output=True, text=True, timeout=600, cwd=cwd, env=ENV)
+
+
 def test_brain_bundle_run_on_a_real_scan_keeps_geometry(tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file",
-           str(BUNDLES / "brain_mri_counterfactual" / "configs" / "inference.json"),
-           "--input", str(REAL_SCAN), "--output_dir", str(out), "--num_inference_steps", "5",
-           "--source", "{'age': 40, 'sex': 'M', 'diagnosis': 'CN'}", "--target", "{'age': 90, 'diagnosis': 'AD'}", "--drift", "0.05"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=ENV)
+    r = bundle_run("brain_mri_counterfactual", "--input", str(REAL_SCAN), "--output_dir", str(out),
+                   "--settings#num_inference_steps", "5", "--source", "{'age': 40, 'sex': 'M', 'diagnosis': 'CN'}",
+                   "--target", "{'age': 90, 'diagnosis': 'AD'}", "--settings#drift", "0.05", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     src, cf, diff = nib.load(REAL_SCAN), nib.load(out / "counterfactual.nii.gz"), nib.load(out / "difference.nii.gz")
     assert cf.shape == src.shape and diff.shape == src.shape
@@ -49,6 +54,25 @@ def test_brain_bundle_run_on_a_real_scan_keeps_geometry(tmp_path):
     assert rec["drift"] == 0.05 and rec["target"]["diagnosis"] == "AD" and rec["num_inference_steps"] == 5
     assert rec["output_space"] == "native" and rec["changed_voxels"] == np.count_nonzero(diff.get_fdata())
     assert Image.open(out / "figure.png").size[0] > 100
+
+
+def test_brain_bundle_components_override_from_the_command_line(tmp_path):
+    """The inference config is MONAI components (model, scheduler, inferer, preprocessing, settings, pipeline): the
+    inferer's δ and the scheduler itself are overridden like a model-zoo bundle's (stochastic abduction, so that the
+    DDPM scheduler, which cannot invert, runs the same edit)."""
+    runs = {"base": [], "drift": ["--inferer#drift", "0.1"],
+            "ddpm": ["--scheduler#_target_", "monai.networks.schedulers.DDPMScheduler"]}
+    out = {}
+    for name, extra in runs.items():
+        r = bundle_run("brain_mri_counterfactual", "--output_dir", str(tmp_path / name), "--settings#num_inference_steps",
+                       "2", "--settings#abduction", "noising", *extra, cwd=tmp_path)
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        rec = json.loads((tmp_path / name / "record.json").read_text())
+        out[name] = (rec, np.asarray(nib.load(tmp_path / name / "counterfactual.nii.gz").dataobj))
+    assert [out[k][0]["drift"] for k in runs] == [0.0, 0.1, 0.0]
+    assert [out[k][0]["scheduler"] for k in runs] == ["DDIMScheduler", "DDIMScheduler", "DDPMScheduler"]
+    assert all(out[k][0]["num_inference_steps"] == 2 and out[k][0]["guidance_scale"] == 3.0 for k in runs)
+    assert not np.array_equal(out["base"][1], out["drift"][1]) and not np.array_equal(out["base"][1], out["ddpm"][1])
 
 
 def test_demo_and_cxr_counterfactual_cli(tmp_path):

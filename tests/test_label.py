@@ -123,7 +123,7 @@ def test_info_lists_the_bundle_model(server):
     assert m["type"] == "others" and m["dimension"] == 3
     assert {a["name"] for a in m["attributes"]} == {"age", "sex", "diagnosis"}
     # the bundle's defaults, as Slicer's Options table shows them
-    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps", "target_age", "target_diagnosis", "result"):
+    for key in ("drift", "strength", "guidance_scale", "seed", "num_inference_steps", "target_age", "target_diagnosis", "result"):
         assert key in m["config"], key
     assert info["datastore"]["total"] == 1
 

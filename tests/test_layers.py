@@ -21,6 +21,7 @@ LAYERS = {
     "monai_ld.conditioning": 0,
     "monai_ld.bundles": 0,
     "monai_ld.utils": 0,
+    "monai_ld.settings": 0,
     # networks
     "monai_ld.networks": 1,
     # schedulers / LD

@@ -83,7 +83,7 @@ class PipelineEditor:
     Args:
         pipe: the pipeline.
         drift: LD δ for generation.
-        settings: other plan settings (``num_inference_steps``, ``strength``, ``guidance``, ``seed``,
+        settings: other plan settings (``num_inference_steps``, ``strength``, ``guidance_scale``, ``seed``,
             ``composition``, ``abduction``); ``None`` values fall back to the pipeline's defaults.
     """
 

@@ -12,6 +12,7 @@ from typing import Any
 from ..conditioning import AttributeEncoder
 from ..evaluation import AttributeOracle, EvaluationError, load_reference
 from ..pipeline import CounterfactualPipeline
+from ..settings import EditSettings
 from ..utils import log_progress
 
 __all__ = ["Job", "open_job", "load_pipeline", "load_oracle", "edit_settings", "reference_set"]
@@ -39,8 +40,9 @@ def load_oracle(path: str | os.PathLike | None, notes: dict, device: str = "cpu"
 
 
 def edit_settings(settings: Mapping[str, Any] | None) -> dict:
-    """The edit settings given (``None`` values dropped: the model's defaults apply); δ comes through ``drifts``."""
-    s = {k: v for k, v in dict(settings or {}).items() if v is not None}
+    """The edit settings given, validated, under :class:`~monai_ld.settings.EditSettings` names (``None`` values
+    dropped: the model's defaults apply); δ comes through ``drifts``."""
+    s = EditSettings.given(settings)
     if "drift" in s:
         raise EvaluationError("give δ through 'drifts', not through the edit settings")
     return s

@@ -69,7 +69,7 @@ def run_evaluation(
             run first (:func:`~.sweep.run_sweep` with ``sweep`` kwargs, written to ``output_dir/sweep``).
         main_drift: the δ whose numbers form the top-level ``metrics`` (default: the searched δ when listed, else the
             first).
-        settings: edit settings for every δ (``num_inference_steps``, ``strength``, ``guidance``, ``seed``, ...).
+        settings: edit settings for every δ (``num_inference_steps``, ``strength``, ``guidance_scale``, ``seed``, ...).
         composition_steps: ``k`` values of the composition test.
 
     Returns:
@@ -118,7 +118,7 @@ def run_evaluation(
         "by_drift": by_drift,
         "drift_search": drift_search,
         "volumes": by_drift[mkey].get("volumes"),
-        "settings": {k: v for k, v in {**job.pipe.defaults, **settings}.items() if k != "drift"},
+        "settings": {k: v for k, v in job.pipe.settings.update(settings).asdict().items() if k != "drift"},
         "composition_steps": list(composition_steps),
         "data": {"manifest": str(manifest), "split": split, "n_pairs": len(pairs),
                  "pairs": [{"image_id": p["image_id"], "ground_truth": p["gt_id"], "source": p["source"],

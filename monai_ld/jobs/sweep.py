@@ -86,7 +86,7 @@ def run_sweep(
         objective: ``"counterfactual"`` (``lam · oracle loss + proximity``) or ``"distribution"`` (``distance``
             between the counterfactual set and the real reference split: ``"l1_mean"``, ``"mmd"``, ``"fid"``,
             ``"kid"``; the feature ones use the oracle).
-        settings: edit settings (steps, strength, guidance, seed, ...), the same for every δ.
+        settings: edit settings (num_inference_steps, strength, guidance_scale, seed, ...), the same for every δ.
     Returns:
         the report dict (``best_drift``, ``best_objective``, ``curve``, ``objective``, ``settings``, ``data``, ``notes``).
     """
@@ -153,9 +153,9 @@ def sweep_job(job: Job, manifest: str | os.PathLike, output_dir: str | os.PathLi
         "objective": result["objective"],
         "curve": result["curve"],
         **{k: v for k, v in result.items() if k not in ("best_drift", "best_objective", "objective", "curve")},
-        "settings": {**job.pipe.defaults, **settings, "objective_kind": objective,
+        "settings": {**job.pipe.settings.update(settings).asdict(), "objective_kind": objective,
                      "distance": distance if objective == "distribution" else None, "lambda": spec.lam,
-                     "proximity": spec.proximity, "seed": settings.get("seed", job.pipe.defaults.get("seed"))},
+                     "proximity": spec.proximity},
         "data": {"manifest": str(manifest), "split": spec.split, "n_images": int(images.shape[0]), "image_ids": ids,
                  "targets": targets, "intervention_seed": spec.seed},
         "checkpoint": job.checkpoint,

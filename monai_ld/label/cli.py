@@ -65,7 +65,7 @@ def add_parser(subparsers) -> None:
         description="Start the real MONAI Label server (monailabel start_server) with the monai_ld app: one model per "
                     "bundle (brain_mri_counterfactual, chest_xray_counterfactual), images from --studies. "
                     "POST /infer/<model>?image=<id>&output=image with a params form field "
-                    "(JSON: target, drift, strength, guidance, seed, result) returns the counterfactual NIfTI. "
+                    "(JSON: target, drift, strength, guidance_scale, seed, result) returns the counterfactual NIfTI. "
                     "See docs/monai_label.md.",
     )
     p.add_argument("--studies", required=True, help="folder of images (NIfTI...) MONAI Label serves as its datastore")

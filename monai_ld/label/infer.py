@@ -1,7 +1,8 @@
 """A MONAI Label ``InferTask`` that serves a counterfactual model: image id + target attributes -> NIfTI.
 
 The task does not go through MONAI Label's transform-based ``BasicInferTask``: the
-:class:`~monai_ld.pipeline.CounterfactualPipeline` already reads the file, preprocesses, edits, and restores the result
+:class:`~monai_ld.pipeline.CounterfactualPipeline` (the ``pipeline`` component of the bundle's inference config,
+:func:`monai_ld.bundle_support.load_pipeline`) already reads the file, preprocesses, edits, and restores the result
 to the input's geometry (same shape and affine). The task
 
 1. parses and validates the request (:func:`monai_ld.label.params.parse_params` then
@@ -38,7 +39,7 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from ..pipeline import CounterfactualPipeline
+from ..bundle_support import load_pipeline
 from .params import SETTING_KEYS, RequestError, parse_params, slicer_config
 
 __all__ = ["CounterfactualInferTask", "run_dir_lock"]
@@ -85,7 +86,8 @@ class CounterfactualInferTask(InferTask):
         self.name = name
         self.checkpoint = Path(checkpoint)
         self.outputs_dir = Path(outputs_dir)
-        self.pipeline = CounterfactualPipeline.from_checkpoint(self.checkpoint, device=device)
+        # the bundle's inference components (configs/common.json + inference.json), as `monai.bundle run` builds them
+        self.pipeline = load_pipeline(self.checkpoint, device=device)
         enc = self.pipeline.encoder
         dims = self.pipeline.model.spatial_dims
         super().__init__(

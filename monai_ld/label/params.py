@@ -3,7 +3,7 @@
 A request's ``params`` (the JSON form field of ``POST /infer/<model>``) may name the target the API way::
 
     {"target": {"diagnosis": "AD"}, "source": {"age": 71, "sex": "F", "diagnosis": "CN"},
-     "drift": 0.05, "strength": 0.6, "guidance": 3.0, "seed": 0, "num_inference_steps": 20,
+     "drift": 0.05, "strength": 0.6, "guidance_scale": 3.0, "seed": 0, "num_inference_steps": 20,
      "result": "counterfactual"}
 
 or the flat way 3D Slicer's MONAI Label "Options" table sends the model's config (one cell per key; a list value is
@@ -20,19 +20,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from monai_ld.composition import OUTPUT_SPACES
-from monai_ld.inferers import Abduction, Composition
-from monai_ld.pipeline import DEFAULT_SETTINGS
+from monai_ld.settings import EditSettings
 
 __all__ = ["RequestError", "CounterfactualRequest", "parse_params", "RESULT_KINDS", "SETTING_KEYS", "slicer_config"]
 
 RESULT_KINDS = ("counterfactual", "difference", "uncertainty")
-SETTING_KEYS = tuple(DEFAULT_SETTINGS)  # the pipeline's settings, one list
-_CHOICES = {"composition": tuple(c.value for c in Composition), "abduction": tuple(a.value for a in Abduction),
-            "output_space": OUTPUT_SPACES}
+SETTING_KEYS = EditSettings.keys()
+_CHOICES = {f.name: f.metadata["choices"] for f in fields(EditSettings) if f.metadata["choices"]}
 _UNSET = ("", "(keep)", "(unknown)", "keep", "none_given")
 # keys MONAI Label itself (server, Slicer / OHIF clients) puts into an infer request: accepted and ignored
 MONAI_LABEL_KEYS = frozenset({
@@ -109,13 +106,14 @@ def parse_params(params: Mapping[str, Any] | str | None, attribute_names: tuple[
     for key, value in params.items():
         if key in ("target", "source"):
             continue
-        if key in SETTING_KEYS:
+        if EditSettings.canonical(key):  # old names (guidance, steps) too
             value = _first(value)
             if _is_unset(value):
                 continue
-            if key in _CHOICES and str(value).strip().lower() not in _CHOICES[key]:
-                raise RequestError(f"{key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
-            req.settings[key] = str(value).strip().lower() if key in _CHOICES else value
+            name = EditSettings.canonical(key)
+            if name in _CHOICES and str(value).strip().lower() not in _CHOICES[name]:
+                raise RequestError(f"{key} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
+            req.settings[name] = str(value).strip().lower() if name in _CHOICES else value
         elif key == "result":
             kind = str(_first(value)).strip().lower()
             if kind not in RESULT_KINDS:
@@ -153,12 +151,14 @@ def slicer_config(encoder: Any, defaults: Mapping[str, Any]) -> dict[str, Any]:
         for a in encoder.attributes:
             classes = getattr(a, "classes", None)
             cfg[f"{side}_{a.name}"] = [unset, *classes] if classes else ""
-    for key in ("drift", "strength", "guidance", "seed", "num_inference_steps", "mask_threshold", "samples"):
-        value = defaults.get(key)
-        if value is None:  # guidance None = no classifier-free guidance, mask_threshold None = no mask
-            cfg[key] = "none"
+    for f in fields(EditSettings):
+        if f.metadata["choices"]:
+            continue
+        value = defaults.get(f.name)
+        if value is None:  # guidance_scale None = no classifier-free guidance, mask_threshold None = no mask
+            cfg[f.name] = "none"
         else:
-            cfg[key] = int(value) if key in ("seed", "num_inference_steps", "samples") else float(value)
+            cfg[f.name] = int(value) if f.metadata["kind"] == "int" else float(value)
     for key, choices in _CHOICES.items():
         chosen = str(defaults.get(key, choices[0]))
         cfg[key] = [chosen, *[c for c in choices if c != chosen]]

@@ -22,30 +22,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from monai.utils import StrEnum
 
 from ..drift import Drift
+from ..settings import Abduction, Composition
 from .loops import denoise, invert, noise_latents
 from .mask import edit_mask, mask_to_image
 from .noise import Generators, derive_generator, generator_state, restore_generator_state
 from .steps import strength_timesteps
 
 __all__ = ["Abduction", "Composition", "CounterfactualOutput", "counterfactual"]
-
-
-class Abduction(StrEnum):
-    """How the source image's noise is recovered."""
-
-    INVERSION = "inversion"  # deterministic DDIM inversion under the source condition
-    NOISING = "noising"  # stochastic forward noising (SDEdit-like)
-
-
-class Composition(StrEnum):
-    """How the edited decode is put back together with the input."""
-
-    NONE = "none"  # the decoded counterfactual D(z'_0)
-    RESIDUAL = "residual"  # x + (D(z'_0) - D(z_0)): keep what the autoencoder cannot reconstruct
-    PAIRED = "paired"  # x + (D(z'_0) - D(z^s_0)): z^s_0 regenerated from the same z_t under the source condition
 
 
 @dataclass
