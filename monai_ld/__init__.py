@@ -26,6 +26,7 @@ _PUBLIC = {
     **dict.fromkeys(("Abduction", "Composition", "CounterfactualOutput", "InversionOutput", "LatentDriftInferer"),
                     "inferers"),
     "ConditionalLDM": "networks",
+    "EditSettings": "settings",
 }
 
 __all__ = sorted(_PUBLIC)

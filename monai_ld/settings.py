@@ -4,8 +4,8 @@ Every place that takes edit settings goes through it: the pipeline's plan (:meth
 the CLI flags (:meth:`EditSettings.add_arguments`), the MONAI Label request keys, the bundles' ``settings``
 component and the settings written to ``record.json``. It validates once, in ``__post_init__``.
 
-Older names are read through :attr:`EditSettings.ALIASES` only (checkpoints trained before carry
-``meta["defaults"]["guidance"]``; old configs and habits say ``steps``); everything written uses the field names.
+Older names are read through :attr:`EditSettings.ALIASES` only (checkpoints trained before carry a ``guidance`` key
+in ``meta["defaults"]``; old configs and habits say ``steps``); everything written uses the field names.
 """
 
 from __future__ import annotations

@@ -47,10 +47,15 @@ def _stand_in_bundle(root: Path) -> Path:
 
     enc = brain_attribute_encoder()
     m = ConditionalLDM(autoencoder_config(3, "tiny"), unet_config(3, 3, enc.dim, "tiny"), enc,
-                       meta={"preprocessing": {"chain": "brain_mri", "spatial_size": [32, 32, 32], "pixdim": [3, 3, 3]},
+                       meta={"preprocessing": {"chain": "brain_mri", "spatial_size": [32, 32, 32], "pixdim": [3, 3, 3],
+                                               "axcodes": "RAS"},
                              "defaults": {"num_inference_steps": 5}})
     bundle = root / MODEL
     m.save(bundle / "models" / "model.pt")
+    # the brain bundle's inference components: the task builds its pipeline from them
+    (bundle / "configs").mkdir()
+    for name in ("common.json", "inference.json"):
+        shutil.copyfile(REAL_BUNDLE / "configs" / name, bundle / "configs" / name)
     return bundle
 
 
@@ -246,6 +251,23 @@ def test_concurrent_same_seed_requests_agree(tmp_path, monkeypatch):
         np.testing.assert_array_equal(np.asarray(nib.load(path).dataobj), volumes[0])
         for k, ref in zip(("counterfactual", "uncertainty"), first):
             np.testing.assert_array_equal(np.asarray(nib.load(result["outputs"][k]).dataobj), ref)
+
+
+def test_task_builds_the_bundle_inference_components(tmp_path):
+    """The task's pipeline is the ``pipeline`` component of the bundle's configs/common.json + inference.json (here
+    with the inferer's δ and the scheduler changed in the file), not one wired by the label app."""
+    from monai_ld.inferers import LatentDriftInferer
+    from monai_ld.label.infer import CounterfactualInferTask
+
+    bundle = _stand_in_bundle(tmp_path / "bundles")
+    cfg = json.loads((bundle / "configs" / "inference.json").read_text())
+    cfg["inferer"]["drift"] = 0.07
+    cfg["scheduler"]["_target_"] = "monai.networks.schedulers.DDPMScheduler"
+    (bundle / "configs" / "inference.json").write_text(json.dumps(cfg))
+    task = CounterfactualInferTask(MODEL, bundle / "models" / "model.pt", tmp_path / "outputs")
+    assert isinstance(task.pipeline.inferer, LatentDriftInferer) and task.pipeline.scheduler_name == "DDPMScheduler"
+    assert task.pipeline.preprocessing is not None and task.pipeline.checkpoint == bundle / "models" / "model.pt"
+    assert task.info()["defaults"]["drift"] == 0.07 and task.info()["defaults"]["num_inference_steps"] == 5
 
 
 @pytest.mark.parametrize("params,image,model,status,message", [
