@@ -1,7 +1,8 @@
 """File in, counterfactual out: preprocessing -> LatentDriftInferer.counterfactual -> back to the input's space.
 
-``CounterfactualPipeline.from_checkpoint(path)`` is all a bundle, the CLI or the MONAI Label app needs: the
-checkpoint's ``meta`` names the preprocessing chain and the default edit settings.
+A bundle's ``configs/inference.json`` builds the pipeline from components (model, inferer over a scheduler,
+preprocessing transform, :class:`~monai_ld.settings.EditSettings`); ``CounterfactualPipeline.from_checkpoint(path)``
+builds the same from the checkpoint alone: its ``meta`` names the preprocessing chain and the default edit settings.
 
 Two output spaces (setting ``output_space``):
 

@@ -175,6 +175,7 @@ class EditSettings:
                 kw["choices"] = meta["choices"]
             else:
                 kw["type"] = {"float": float, "int": int, "optional_float": _cli_optional_float}[meta["kind"]]
+                kw["metavar"] = {"float": "X", "int": "N", "optional_float": "X|none"}[meta["kind"]]
             group.add_argument(*flags, **kw)
 
     @classmethod

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..bundle_support import load_pipeline as _bundle_pipeline
 from ..conditioning import AttributeEncoder
 from ..evaluation import AttributeOracle, EvaluationError, load_reference
 from ..pipeline import CounterfactualPipeline
@@ -19,11 +20,12 @@ __all__ = ["Job", "open_job", "load_pipeline", "load_oracle", "edit_settings", "
 
 
 def load_pipeline(checkpoint: str | os.PathLike, device: str = "cpu") -> CounterfactualPipeline:
-    """The :class:`~monai_ld.pipeline.CounterfactualPipeline` of a model checkpoint (clear error when absent)."""
+    """The :class:`~monai_ld.pipeline.CounterfactualPipeline` of a model checkpoint (clear error when absent): its
+    bundle's inference components when it lies in one (:func:`monai_ld.bundle_support.load_pipeline`)."""
     p = Path(checkpoint)
     if not p.is_file():
         raise FileNotFoundError(f"model checkpoint '{p}' does not exist (train the bundle first, or pass the right bundle)")
-    return CounterfactualPipeline.from_checkpoint(p, device=device)
+    return _bundle_pipeline(p, device=device)
 
 
 def load_oracle(path: str | os.PathLike | None, notes: dict, device: str = "cpu") -> AttributeOracle | None:

@@ -85,8 +85,8 @@ def _as_mapping(name: str, value: Any) -> dict[str, Any]:
 def parse_params(params: Mapping[str, Any] | str | None, attribute_names: tuple[str, ...] | list[str]) -> CounterfactualRequest:
     """Split raw request params into target, source, settings and result kind.
 
-    Only the *shape* is checked here (unknown keys, JSON types, the result kind); attribute values and setting
-    ranges are validated by :meth:`monai_ld.pipeline.CounterfactualPipeline.resolve`.
+    Only the *shape* is checked here (unknown keys, JSON types, the result kind); attribute values and settings are
+    validated by :meth:`monai_ld.pipeline.CounterfactualPipeline.resolve` (:class:`~monai_ld.settings.EditSettings`).
 
     Raises:
         RequestError: with status 400 (not JSON / not an object) or 422 (unknown key or attribute).
@@ -106,14 +106,10 @@ def parse_params(params: Mapping[str, Any] | str | None, attribute_names: tuple[
     for key, value in params.items():
         if key in ("target", "source"):
             continue
-        if EditSettings.canonical(key):  # old names (guidance, steps) too
+        if EditSettings.canonical(key):  # old names (guidance, steps) too; values are checked by EditSettings
             value = _first(value)
-            if _is_unset(value):
-                continue
-            name = EditSettings.canonical(key)
-            if name in _CHOICES and str(value).strip().lower() not in _CHOICES[name]:
-                raise RequestError(f"{key} must be one of {', '.join(_CHOICES[name])}, got {value!r}")
-            req.settings[name] = str(value).strip().lower() if name in _CHOICES else value
+            if not _is_unset(value):
+                req.settings[EditSettings.canonical(key)] = value
         elif key == "result":
             kind = str(_first(value)).strip().lower()
             if kind not in RESULT_KINDS:
