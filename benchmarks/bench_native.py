@@ -191,6 +191,7 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=None, help="runs per case, medians reported (default 3; quick 1)")
     p.add_argument("--decode-repeats", type=int, default=None, help="runs per decode case in (b) (default: --repeats)")
     p.add_argument("--mem-limit-gb", type=float, default=7.5, help="stop a case above this RSS (default 7.5)")
+    p.add_argument("--parts", default="abc", help="which parts to run: a (1 mm counterfactual), b (decode), c (cohort)")
     p.add_argument("--checkpoint", default=str(BUNDLE / "models" / "model.pt"))
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     a = p.parse_args()
@@ -213,69 +214,72 @@ def main() -> int:
         print(f"input: {src.name} {shape[0]}×{shape[1]}×{shape[2]} at {mm:g} mm, int16 ({src.stat().st_size / 2**20:.1f} MB)")
 
         # (a) ---------------------------------------------------------------------------------------------------
-        res = {}
-        for space in ("native", "model"):
-            res[space] = [run_case("counterfactual", {**common, "input": str(src), "out": str(root / f"cf_{space}_{i}"),
-                                                      "steps": steps, "space": space}, a.mem_limit_gb) for i in range(reps)]
-        print(f"\n(a) {mm:g} mm counterfactual ({steps} steps; job = load + read + edit + compose + write)")
-        print(f"    {'output space':<34}{'job s':>8}{'process s':>11}{'peak RSS GB':>13}")
-        for space, label in (("native", "native (input + Δ, 1 mm)"), ("model", "model (whole output restored)")):
-            r = res[space]
-            print(f"    {label:<34}{median(r, 'seconds'):>8.1f}{median(r, 'wall'):>11.1f}{median(r, 'peak_rss_mb') / 1024:>13.2f}")
-        nat = res["native"]
-        print(f"    bar: ≤ 6 GB peak RSS and ≤ 3 min on 2 cores -> native {median(nat, 'peak_rss_mb') / 1024:.2f} GB, "
-              f"{median(nat, 'seconds'):.0f} s on {a.threads} thread(s): "
-              f"{_bar(median(nat, 'peak_rss_mb') <= 6 * 1024 and median(nat, 'seconds') <= 180)}")
+        if "a" in a.parts:
+            res = {}
+            for space in ("native", "model"):
+                res[space] = [run_case("counterfactual", {**common, "input": str(src), "out": str(root / f"cf_{space}_{i}"),
+                                                          "steps": steps, "space": space}, a.mem_limit_gb) for i in range(reps)]
+            print(f"\n(a) {mm:g} mm counterfactual ({steps} steps; job = load + read + edit + compose + write)")
+            print(f"    {'output space':<34}{'job s':>8}{'process s':>11}{'peak RSS GB':>13}")
+            for space, label in (("native", "native (input + Δ, 1 mm)"), ("model", "model (whole output restored)")):
+                r = res[space]
+                print(f"    {label:<34}{median(r, 'seconds'):>8.1f}{median(r, 'wall'):>11.1f}{median(r, 'peak_rss_mb') / 1024:>13.2f}")
+            nat = res["native"]
+            print(f"    bar: ≤ 6 GB peak RSS and ≤ 3 min on 2 cores -> native {median(nat, 'peak_rss_mb') / 1024:.2f} GB, "
+                  f"{median(nat, 'seconds'):.0f} s on {a.threads} thread(s): "
+                  f"{_bar(median(nat, 'peak_rss_mb') <= 6 * 1024 and median(nat, 'seconds') <= 180)}")
 
         # (b) ---------------------------------------------------------------------------------------------------
-        import numpy as np
+        if "b" in a.parts:
+            import numpy as np
 
-        grid = [int(-(-s // 4) * 4) for s in shape]  # up to the autoencoder's factor
-        note = ""
-        while True:
-            latent = root / "latent.pt"
-            enc = run_case("encode", {**common, "input": str(src), "grid": grid, "mm": mm, "latent": str(latent)},
-                           a.mem_limit_gb)
-            try:
-                whole = [run_case("decode", {**common, "latent": str(latent), "tiled": False, "out": str(root / "whole.npy")},
-                                  a.mem_limit_gb)]
-                break
-            except OverLimit:
-                smaller = [int(s * 0.85) // 4 * 4 for s in grid]
-                note = f" (the {'×'.join(map(str, grid))} grid's whole decode passed {a.mem_limit_gb} GB; "
-                grid = smaller
-                note += f"largest tried that fits: {'×'.join(map(str, grid))})"
-        whole += [run_case("decode", {**common, "latent": str(latent), "tiled": False, "out": str(root / "whole.npy")},
-                           a.mem_limit_gb) for _ in range(dec_reps - 1)]
-        tiled = [run_case("decode", {**common, "latent": str(latent), "tiled": True, "out": str(root / "tiled.npy")},
-                          a.mem_limit_gb) for _ in range(dec_reps)]
-        y_whole, y_tiled = np.load(root / "whole.npy"), np.load(root / "tiled.npy")
-        diff = np.abs(y_tiled - y_whole)
-        print(f"\n(b) decode (median of {dec_reps} run(s)) of the latent {'×'.join(map(str, enc['latent'][1:]))} of a {mm:g} mm "
-              f"{'×'.join(map(str, grid))} grid{note}")
-        print(f"    (latent: tiled encode, {enc['windows']} windows, {enc['seconds']:.1f} s, peak RSS "
-              f"{enc['peak_rss_mb'] / 1024:.2f} GB; window {'×'.join(map(str, enc['window']))} image voxels from "
-              f"{enc['window_source']}, overlap 0.25, gaussian blending)")
-        print(f"    {'decode':<34}{'s':>8}{'windows':>11}{'peak RSS GB':>13}")
-        for label, r in (("whole volume", whole), ("tiled", tiled)):
-            print(f"    {label:<34}{median(r, 'seconds'):>8.1f}{r[0]['windows']:>11}{median(r, 'peak_rss_mb') / 1024:>13.2f}")
-        print(f"    max |tiled − whole| = {diff.max():.4f}, mean {diff.mean():.4f} (whole output range "
-              f"{y_whole.min():.3f}..{y_whole.max():.3f}; the two differ by GroupNorm window statistics, not only seams)")
-        print(f"    bar: tiled decode peak memory below untiled -> {median(tiled, 'peak_rss_mb') / 1024:.2f} GB vs "
-              f"{median(whole, 'peak_rss_mb') / 1024:.2f} GB: {_bar(median(tiled, 'peak_rss_mb') < median(whole, 'peak_rss_mb'))}")
+            grid = [int(-(-s // 4) * 4) for s in shape]  # up to the autoencoder's factor
+            note = ""
+            while True:
+                latent = root / "latent.pt"
+                enc = run_case("encode", {**common, "input": str(src), "grid": grid, "mm": mm, "latent": str(latent)},
+                               a.mem_limit_gb)
+                try:
+                    whole = [run_case("decode", {**common, "latent": str(latent), "tiled": False, "out": str(root / "whole.npy")},
+                                      a.mem_limit_gb)]
+                    break
+                except OverLimit:
+                    smaller = [int(s * 0.85) // 4 * 4 for s in grid]
+                    note = f" (the {'×'.join(map(str, grid))} grid's whole decode passed {a.mem_limit_gb} GB; "
+                    grid = smaller
+                    note += f"largest tried that fits: {'×'.join(map(str, grid))})"
+            whole += [run_case("decode", {**common, "latent": str(latent), "tiled": False, "out": str(root / "whole.npy")},
+                               a.mem_limit_gb) for _ in range(dec_reps - 1)]
+            tiled = [run_case("decode", {**common, "latent": str(latent), "tiled": True, "out": str(root / "tiled.npy")},
+                              a.mem_limit_gb) for _ in range(dec_reps)]
+            y_whole, y_tiled = np.load(root / "whole.npy"), np.load(root / "tiled.npy")
+            diff = np.abs(y_tiled - y_whole)
+            print(f"\n(b) decode (median of {dec_reps} run(s)) of the latent {'×'.join(map(str, enc['latent'][1:]))} of a {mm:g} mm "
+                  f"{'×'.join(map(str, grid))} grid{note}")
+            print(f"    (latent: tiled encode, {enc['windows']} windows, {enc['seconds']:.1f} s, peak RSS "
+                  f"{enc['peak_rss_mb'] / 1024:.2f} GB; window {'×'.join(map(str, enc['window']))} image voxels from "
+                  f"{enc['window_source']}, overlap 0.25, gaussian blending)")
+            print(f"    {'decode':<34}{'s':>8}{'windows':>11}{'peak RSS GB':>13}")
+            for label, r in (("whole volume", whole), ("tiled", tiled)):
+                print(f"    {label:<34}{median(r, 'seconds'):>8.1f}{r[0]['windows']:>11}{median(r, 'peak_rss_mb') / 1024:>13.2f}")
+            print(f"    max |tiled − whole| = {diff.max():.4f}, mean {diff.mean():.4f} (whole output range "
+                  f"{y_whole.min():.3f}..{y_whole.max():.3f}; the two differ by GroupNorm window statistics, not only seams)")
+            print(f"    bar: tiled decode peak memory below untiled -> {median(tiled, 'peak_rss_mb') / 1024:.2f} GB vs "
+                  f"{median(whole, 'peak_rss_mb') / 1024:.2f} GB: {_bar(median(tiled, 'peak_rss_mb') < median(whole, 'peak_rss_mb'))}")
 
         # (c) ---------------------------------------------------------------------------------------------------
-        csv_path = make_cohort(root, n_cohort)
-        coh = {b: [run_case("cohort", {**common, "csv": str(csv_path), "out": str(root / f"cohort_{b}_{i}"), "batch": b,
-                                       "steps": steps}, a.mem_limit_gb) for i in range(reps)] for b in (1, big_batch)}
-        per = {b: median(r, "seconds") / n_cohort for b, r in coh.items()}
-        print(f"\n(c) cohort of {n_cohort} bundled 64³ phantoms (--input-list CSV, {steps} steps; s per image = cohort "
-              f"time / {n_cohort}, model load excluded)")
-        print(f"    {'batch size':<34}{'s/image':>8}{'':>11}{'peak RSS GB':>13}")
-        for b, r in coh.items():
-            print(f"    {b:<34}{per[b]:>8.2f}{'':>11}{median(r, 'peak_rss_mb') / 1024:>13.2f}")
-        speed = per[1] / per[big_batch]
-        print(f"    bar: batched throughput ≥ 1.5× per image vs batch 1 -> {speed:.2f}×: {_bar(speed >= 1.5)}")
+        if "c" in a.parts:
+            csv_path = make_cohort(root, n_cohort)
+            coh = {b: [run_case("cohort", {**common, "csv": str(csv_path), "out": str(root / f"cohort_{b}_{i}"), "batch": b,
+                                           "steps": steps}, a.mem_limit_gb) for i in range(reps)] for b in (1, big_batch)}
+            per = {b: median(r, "seconds") / n_cohort for b, r in coh.items()}
+            print(f"\n(c) cohort of {n_cohort} bundled 64³ phantoms (--input-list CSV, {steps} steps; s per image = cohort "
+                  f"time / {n_cohort}, model load excluded)")
+            print(f"    {'batch size':<34}{'s/image':>8}{'':>11}{'peak RSS GB':>13}")
+            for b, r in coh.items():
+                print(f"    {b:<34}{per[b]:>8.2f}{'':>11}{median(r, 'peak_rss_mb') / 1024:>13.2f}")
+            speed = per[1] / per[big_batch]
+            print(f"    bar: batched throughput ≥ 1.5× per image vs batch 1 -> {speed:.2f}×: {_bar(speed >= 1.5)}")
     print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
     return 0
 
