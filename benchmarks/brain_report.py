@@ -47,7 +47,7 @@ a = p.parse_args()
 torch.set_num_threads(a.threads)
 b, out = Path(a.bundle), Path(a.out)
 t0 = time.perf_counter()
-ph = json.loads((b / "configs" / "evaluate.json").read_text())["phantoms"]
+ph = json.loads((b / "configs" / "common.json").read_text())["phantoms"]  # shared by the train/evaluate configs
 manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"],
                                           ph.get("counterfactual_splits", ["test"]))
 pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "model.pt")

@@ -14,7 +14,7 @@ composition of a perfect diffusion model that lands exactly on the ground truth'
 diffusion training can make the counterfactual closer to the ground truth than the input: improve the autoencoder.
 ``--ceilings`` prints only the limits (no edits): the true change blurred by a Gaussian of 0.5-2 voxels (a
 perfectly placed but soft change; L1 punishes blur of a sharp boundary shift), and the latent oracle kept inside the
-true change's support. The bundle's phantoms are generated first when absent (``configs/evaluate.json``'s ``phantoms``).
+true change's support. The bundle's phantoms are generated first when absent (``configs/common.json``'s ``phantoms``).
 """
 
 import argparse
@@ -58,7 +58,7 @@ if a.autoencoder and not a.ceilings:
     p.error("--autoencoder only applies with --ceilings (edits need the diffusion model's own autoencoder)")
 torch.set_num_threads(a.threads)
 b = Path(a.bundle)
-ph = json.loads((b / "configs" / "evaluate.json").read_text())["phantoms"]
+ph = json.loads((b / "configs" / "common.json").read_text())["phantoms"]  # shared by the train/evaluate configs
 manifest = bundle_support.ensure_phantoms(str(b / "data"), ph["kind"], ph["n"], ph["size"], ph["seed"],
                                           ph.get("counterfactual_splits", ["test"]))
 pipe = CounterfactualPipeline.from_checkpoint(a.checkpoint or b / "models" / "model.pt")

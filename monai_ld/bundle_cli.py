@@ -92,9 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _bundle_run(bundle: Path, configs: list[str], overrides: dict, nproc: int = 1) -> int:
-    files = [str(bundle / "configs" / c) for c in configs]
-    if nproc > 1:
-        files.append(str(bundle / "configs" / "multi_gpu_train.json"))
+    from .bundle_support import config_files
+
+    # configs/common.json first (the bundle's shared settings), then the job's configs, as model-zoo bundles merge them
+    files = config_files(bundle, *configs, *(["multi_gpu_train.json"] if nproc > 1 else []))
     cmd = ["-m", "monai.bundle", "run", "--config_file", str(files) if len(files) > 1 else files[0],
            "--meta_file", str(bundle / "configs" / "metadata.json"),
            "--logging_file", str(bundle / "configs" / "logging.conf")]

@@ -16,8 +16,8 @@ from typing import Any
 
 from .settings import EditSettings
 
-__all__ = ["bundle_root", "ensure_phantoms", "load_pipeline", "load_samples", "run_inference", "train_autoencoder",
-           "train_diffusion", "finetune", "device"]
+__all__ = ["bundle_root", "config_files", "ensure_phantoms", "load_pipeline", "load_samples", "run_inference",
+           "train_autoencoder", "train_diffusion", "finetune", "device"]
 
 
 def _config_files_from_argv(argv: Sequence[str]) -> list[str]:
@@ -151,7 +151,20 @@ def finetune(samples: list[dict], base_model: str, output: str, defaults: Mappin
     return str(out)
 
 
-INFERENCE_CONFIGS = ("common.json", "inference.json")  # what `python -m monai.bundle run` merges for inference
+COMMON_CONFIG = "common.json"  # what every config of a bundle merges over (paths, device, data, attributes, model)
+INFERENCE_CONFIGS = (COMMON_CONFIG, "inference.json")  # what `python -m monai.bundle run` merges for inference
+
+
+def config_files(bundle: str | os.PathLike, *names: str) -> list[str]:
+    """The ``--config_file`` list of a bundle job: ``<bundle>/configs/common.json`` first, then ``names`` (e.g.
+    ``train_diffusion.json``, ``multi_gpu_train.json``), as model-zoo bundles merge them; a clear error when a file is
+    missing. ``campaign.json`` stands alone (it is not merged over ``common.json``)."""
+    configs = Path(bundle) / "configs"
+    files = [configs / n for n in ((COMMON_CONFIG, *names) if names[:1] != ("campaign.json",) else names)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"bundle config(s) not found: {', '.join(missing)}")
+    return [str(f) for f in files]
 
 
 def load_pipeline(checkpoint: str | os.PathLike, device: str = "cpu", overrides: Mapping[str, Any] | None = None):

@@ -1,8 +1,8 @@
 """``monai-ld evaluate`` and ``monai-ld sweep-drift``: a bundle's ``configs/evaluate.json`` from the command line.
 
-Both read ``<bundle>/configs/evaluate.json`` (so the command line and ``python -m monai.bundle run`` share one set of
-defaults), override what the options name, and evaluate its ``evaluate`` / ``sweep_drift`` item
-(:func:`~monai_ld.jobs.run_evaluation` / :func:`~monai_ld.jobs.run_sweep`). Without
+Both read ``<bundle>/configs/evaluate.json`` over ``configs/common.json`` (so the command line and
+``python -m monai.bundle run`` share one set of defaults), override what the options name, and evaluate its
+``evaluate`` / ``sweep_drift`` item (:func:`~monai_ld.jobs.run_evaluation` / :func:`~monai_ld.jobs.run_sweep`). Without
 ``--manifest`` they use the bundle's own phantoms (its config regenerates the held-out set when it is missing).
 Each writes ``report.json`` (+ ``report.md`` and PNGs) into ``--output-dir``. Bad input (no bundle, no model, a
 manifest without the needed columns) is a one-line error and exit code 2.
@@ -87,10 +87,11 @@ def _parser(args: argparse.Namespace):
 
     from .bundles import resolve_bundle
 
+    from .bundle_support import config_files
+
     bundle = resolve_bundle(args.bundle, needs=CONFIG)
-    cfg = bundle / CONFIG
     parser = ConfigParser()
-    parser.read_config(str(cfg))
+    parser.read_config(config_files(bundle, Path(CONFIG).name))  # configs/common.json + configs/evaluate.json
     parser["bundle_root"] = str(bundle.resolve())
     parser["output_dir"] = str(Path(args.output_dir))
     if args.manifest is not None:

@@ -139,7 +139,9 @@ def test_cxr_train_configs_run_end_to_end(tmp_path):
                                       "'cross_attention_dim': 9}", "--work_dir", str(tmp_path / "runs_diff")]),
             ("finetune.json", ["--scheme", "lora", "--drift", "0.1", "--work_dir", str(tmp_path / "runs_ft")])]
     for name, extra in runs:
-        r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg / name), *common, *extra],
+        # merged over the bundle's configs/common.json, as `monai-ld train` runs them
+        files = [str(cfg / "common.json"), str(cfg / name)]
+        r = subprocess.run([sys.executable, "-m", "monai.bundle", "run", "--config_file", str(files), *common, *extra],
                            capture_output=True, text=True, timeout=600, env=ENV)
         assert r.returncode == 0, (name, r.stderr[-3000:])
     base = ConditionalLDM.load(tmp_path / "models" / "model.pt")

@@ -1,7 +1,8 @@
 """The counterfactual evaluator (ignite/MONAI engine), the evaluation jobs and `monai-ld evaluate|sweep-drift`.
 
 Tiny stand-in model (32³, tiny AE/UNet with a non-zero output layer) and a 12-subject phantom set; the bundle is a
-temporary folder holding the brain bundle's REAL configs/evaluate.json, so the config and the CLI are tested together.
+temporary folder holding the brain bundle's REAL configs/common.json + configs/evaluate.json, so the config and the
+CLI are tested together.
 """
 
 import json
@@ -30,6 +31,7 @@ from monai_ld.evaluation.similarity import l1, ssim
 
 REPO = Path(__file__).resolve().parents[1]
 BRAIN_EVAL_CONFIG = REPO / "bundles" / "brain_mri_counterfactual" / "configs" / "evaluate.json"
+BRAIN_COMMON_CONFIG = BRAIN_EVAL_CONFIG.with_name("common.json")  # evaluate.json merges over it
 PREP = {"chain": "brain_mri", "spatial_size": [32, 32, 32], "pixdim": [5.75] * 3}
 
 
@@ -60,6 +62,7 @@ def setup(tmp_path_factory, one_thread):
     (bundle / "configs").mkdir(parents=True)
     (bundle / "models").mkdir()
     shutil.copy(BRAIN_EVAL_CONFIG, bundle / "configs" / "evaluate.json")
+    shutil.copy(BRAIN_COMMON_CONFIG, bundle / "configs" / "common.json")
     model.save(bundle / "models" / "model.pt")
     images, rows, _ = load_reference(manifest, PREP, enc, "train")
     oracle = train_oracle(images, rows, enc, epochs=2, batch_size=4, channels=(4, 8, 8, 16))
@@ -292,6 +295,7 @@ def test_cli_bad_inputs(setup, tmp_path, capsys):
     empty = tmp_path / "emptybundle"
     (empty / "configs").mkdir(parents=True)
     shutil.copy(BRAIN_EVAL_CONFIG, empty / "configs" / "evaluate.json")
+    shutil.copy(BRAIN_COMMON_CONFIG, empty / "configs" / "common.json")
     assert main(["evaluate", "--bundle", str(empty), "--manifest", m, "--output-dir", str(tmp_path / "o")]) == 2
     assert "model.pt" in capsys.readouterr().err
     assert main(["evaluate", "--bundle", b, "--manifest", m, "--output-dir", str(tmp_path / "o"), "--drifts", "0,lots"]) == 2
