@@ -150,3 +150,20 @@ def test_cxr_train_configs_run_end_to_end(tmp_path):
     assert base.unet_config["attention_levels"] == [False, True]  # Python literals, not fire's 'false' strings
     assert tuned.meta["defaults"]["mask_threshold"] == 0.4 and tuned.drift == pytest.approx(0.1)
     assert any(not torch.equal(a, b) for a, b in zip(base.unet.state_dict().values(), tuned.unet.state_dict().values()))
+
+
+@pytest.mark.parametrize("name", ["brain_mri_counterfactual", "chest_xray_counterfactual"])
+@pytest.mark.parametrize("job", ["train_autoencoder", "train_diffusion", "finetune"])
+def test_multi_gpu_config_splits_the_batch_across_processes(name, job, monkeypatch):
+    """multi_gpu_train.json merged last gives each of WORLD_SIZE processes its share of the job's batch (it used to
+    redefine batch_size from itself: a circular reference MONAI rejects)."""
+    from monai.bundle import ConfigParser
+
+    from monai_ld.bundle_support import config_files
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    parser = ConfigParser()
+    parser.read_config(config_files(BUNDLES / name, f"{job}.json", "multi_gpu_train.json"))
+    batch = parser.get_parsed_content("batch_size")
+    assert parser.get_parsed_content("process_batch_size") == max(1, batch // 2)
+    assert "batch_size=@process_batch_size" in parser["train"]
