@@ -23,11 +23,17 @@ __all__ = ["AUTOENCODER_FORMAT", "train_autoencoder", "load_autoencoder"]
 AUTOENCODER_FORMAT = "monai_ld.autoencoder/1"
 
 
-def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Read an autoencoder written by :func:`train_autoencoder` (``weights_only=True``); returns ``(model, record)``."""
+def read_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """The checkpoint dict of :func:`train_autoencoder` (``config``, ``state_dict``, ``record``), format checked."""
     ckpt = torch.load(Path(path), map_location=map_location, weights_only=True)
     if not isinstance(ckpt, Mapping) or ckpt.get("format") != AUTOENCODER_FORMAT:
         raise ValueError(f"{path} is not a monai_ld autoencoder checkpoint (expected format {AUTOENCODER_FORMAT!r})")
+    return ckpt
+
+
+def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Read an autoencoder written by :func:`train_autoencoder` (``weights_only=True``); returns ``(model, record)``."""
+    ckpt = read_autoencoder(path, map_location)
     model = build_autoencoder(ckpt["config"])
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), dict(ckpt.get("record", {}))

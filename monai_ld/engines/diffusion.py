@@ -19,7 +19,7 @@ from ..conditioning import AttributeEncoder
 from ..networks.model import ConditionalLDM
 from ..networks.presets import build_scheduler, scheduler_config, unet_config
 from .adapters import merge_adapters, prepare_finetune
-from .autoencoder import load_autoencoder
+from .autoencoder import read_autoencoder
 from .prepare_batch import LatentDriftPrepareBatch
 from .runs import TrainingRun, TrainingStep, distributed_context, fit, sample_loader
 
@@ -132,13 +132,13 @@ def train_diffusion(
     run = TrainingRun.at(output, work_dir, name="diffusion", max_iterations=max_iterations, batch_size=batch_size,
                          lr=lr, checkpoint_every=checkpoint_every, resume=resume, seed=seed, device=device,
                          progress=progress, ema_decay=ema_decay)
-    ae, _ = load_autoencoder(autoencoder)
+    ae_ckpt = read_autoencoder(autoencoder)  # read once: the config sizes the model, the weights fill it
     enc = attributes if isinstance(attributes, AttributeEncoder) else AttributeEncoder(attributes)
-    ae_cfg = torch.load(Path(autoencoder), weights_only=True)["config"]
+    ae_cfg = ae_ckpt["config"]
     ucfg = dict(unet) if unet else unet_config(int(ae_cfg["spatial_dims"]), int(ae_cfg.get("latent_channels", 3)), enc.dim, size)
     model = ConditionalLDM(ae_cfg, ucfg, enc, scheduler=scheduler or scheduler_config(), drift=drift,
                            drift_target=drift_target, meta=meta)
-    model.autoencoder.load_state_dict(ae.state_dict())
+    model.autoencoder.load_state_dict(ae_ckpt["state_dict"])
     return _train_unet(model, list(model.unet.parameters()), samples,
                        DiffusionJob(run, condition_dropout, drift, drift_target, scale_factor))
 
