@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .bundles import resolve_bundle
+from .bundles import parse_overrides, resolve_bundle
 from .settings import EditSettings
 
 
@@ -38,6 +38,8 @@ def _print_outputs(outputs: dict, record_path: str) -> None:
         conf = ", ".join(f"{k} p={v:.2f}" for k, v in est["confidence"].items() if v is not None)
         print(f"  source estimated by the attribute predictor: {est['values']} ({conf}); given values kept: "
               f"{est['given'] or 'none'}")
+        if est.get("clipped"):
+            print(f"  estimate outside the attributes' range, clipped to it (raw: {est['clipped']})")
     print(f"  target: {rec['target']}")
     print("  " + " ".join(f"{k}={rec[k]}" for k in ("drift", "strength", "guidance_scale", "seed", "num_inference_steps",
                                                    "samples")) + f" ({rec['seconds']} s)")
@@ -91,7 +93,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_overrides(args: argparse.Namespace, named: dict) -> dict:
+    """The config keys a train / finetune run overrides: ``--set KEY=VALUE`` items, then ``--manifest`` /
+    ``--checkpoint`` and the named options (which win over a ``--set`` of the same key)."""
+    out = parse_overrides(args.set)
+    for key, path in (("manifest", args.manifest), ("checkpoint", getattr(args, "checkpoint", None))):
+        if path is not None:
+            if not Path(path).is_file():
+                raise FileNotFoundError(f"--{key} '{path}' does not exist")
+            out[key] = str(Path(path).resolve())
+    out.update({k: v for k, v in named.items() if v is not None})
+    return out
+
+
 def _bundle_run(bundle: Path, configs: list[str], overrides: dict, nproc: int = 1) -> int:
+    """``python -m monai.bundle run`` of ``configs`` over the bundle's ``common.json`` with ``overrides`` (strings go as
+    typed, as ``--KEY VALUE`` on MONAI's command line; other values as JSON)."""
     from .bundle_support import config_files
 
     # configs/common.json first (the bundle's shared settings), then the job's configs, as model-zoo bundles merge them
@@ -131,9 +148,9 @@ def _campaign(bundle: Path, args: argparse.Namespace) -> int:
     if ignored or args.nproc != 1:
         raise ValueError(f"{', '.join(ignored + (['--nproc'] if args.nproc != 1 else []))} do(es) not apply to --campaign: "
                          f"the plan is in {cfg} (override its keys with python -m monai.bundle run)")
-    return _bundle_run(bundle, ["campaign.json"], {"stage": args.stage, "budget_min": args.budget_min, "seed": args.seed,
-                                                   "threads": args.threads, "save_every_min": args.save_every_min,
-                                                   "device": args.device})
+    return _bundle_run(bundle, ["campaign.json"], _job_overrides(args, {
+        "stage": args.stage, "budget_min": args.budget_min, "seed": args.seed, "threads": args.threads,
+        "save_every_min": args.save_every_min, "device": args.device}))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -145,8 +162,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     stages = {"autoencoder": ["train_autoencoder.json"], "diffusion": ["train_diffusion.json"],
               "all": ["train_autoencoder.json", "train_diffusion.json"]}[args.stage]
     for cfg in stages:
-        rc = _bundle_run(bundle, [cfg], {"max_iterations": args.max_iterations, "seed": args.seed, "drift": args.drift
-                                         if cfg == "train_diffusion.json" else None}, args.nproc)
+        rc = _bundle_run(bundle, [cfg], _job_overrides(args, {
+            "max_iterations": args.max_iterations, "seed": args.seed,
+            "drift": args.drift if cfg == "train_diffusion.json" else None}), args.nproc)
         if rc:
             return rc
     return 0
@@ -154,15 +172,29 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     bundle = resolve_bundle(args.bundle)
-    return _bundle_run(bundle, ["finetune.json"], {"scheme": args.scheme, "drift": args.drift, "lora_rank": args.lora_rank,
-                                                   "max_iterations": args.max_iterations, "output": args.output,
-                                                   "seed": args.seed}, args.nproc)
+    return _bundle_run(bundle, ["finetune.json"], _job_overrides(args, {
+        "scheme": args.scheme, "drift": args.drift, "lora_rank": args.lora_rank, "max_iterations": args.max_iterations,
+        "output": str(Path(args.output).resolve()) if args.output else None, "seed": args.seed}), args.nproc)
 
 
 def _edit_options(p: argparse.ArgumentParser) -> None:
     EditSettings.add_arguments(p.add_argument_group("edit settings (default: the bundle's)"))
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs in --output-dir (never the input)")
+
+
+def _config_options(p: argparse.ArgumentParser, checkpoint: bool = False) -> None:
+    p.add_argument("--manifest", help="CSV manifest: path, subject_id, split (train / val / test) and the bundle's "
+                                      "attribute columns (default: the bundle's phantoms, generated when absent)")
+    if checkpoint:
+        p.add_argument("--checkpoint", help="the model to fine-tune (default: <bundle>/models/model.pt)")
+    add_set_option(p)
+
+
+def add_set_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a key of the bundle's configs, as `python -m monai.bundle run --KEY VALUE` does "
+                        "(repeat; e.g. --set phantoms#n=12 --set model_dir=/tmp/models); named options win")
 
 
 def add_parser(sub) -> None:
@@ -221,6 +253,7 @@ def add_parser(sub) -> None:
     g.add_argument("--threads", type=int, help="torch CPU threads")
     g.add_argument("--device", help="cpu, cuda, cuda:1 (default: a GPU when there is one)")
     g.add_argument("--export", metavar="FILE", help="write the campaign's autoencoder + diffusion model as one checkpoint")
+    _config_options(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="fine-tune a bundle's model (full / embedding / lora), with or without LD")
@@ -232,4 +265,5 @@ def add_parser(sub) -> None:
     p.add_argument("--output", help="output checkpoint (default models/model_finetuned.pt)")
     p.add_argument("--seed", type=int)
     p.add_argument("--nproc", type=int, default=1)
+    _config_options(p, checkpoint=True)
     p.set_defaults(func=cmd_finetune)

@@ -6,10 +6,11 @@ Bundles live in the repository's ``bundles/`` beside the installed package (an e
 
 from __future__ import annotations
 
+import ast
 import os
 from pathlib import Path
 
-__all__ = ["BUNDLE_NAMES", "ALIASES", "bundles_dir", "resolve_bundle"]
+__all__ = ["BUNDLE_NAMES", "ALIASES", "bundles_dir", "resolve_bundle", "parse_overrides", "config_value"]
 
 BUNDLE_NAMES = ("brain_mri_counterfactual", "chest_xray_counterfactual")
 ALIASES = {"brain": BUNDLE_NAMES[0], "cxr": BUNDLE_NAMES[1], "chest": BUNDLE_NAMES[1]}
@@ -34,3 +35,24 @@ def resolve_bundle(value: str | os.PathLike, needs: str = "configs/metadata.json
         where = f"no {needs} under {p}" if p.is_dir() else f"folder {p} does not exist"
         raise FileNotFoundError(f"{str(value)!r} is not a bundle ({where}); accepted: {known}, or a bundle folder")
     return p
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, str]:
+    """``--set KEY=VALUE`` items -> ``{KEY: VALUE}`` (VALUE as typed): the bundle config keys a command overrides, as
+    ``python -m monai.bundle run --KEY VALUE`` would (``phantoms#n=12``, ``diffusion#batch_size=8``)."""
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip() or key.strip().startswith("-"):
+            raise ValueError(f"--set takes KEY=VALUE with a bundle config key (e.g. phantoms#n=12), got {item!r}")
+        out[key.strip()] = value
+    return out
+
+
+def config_value(text: str):
+    """A ``--set`` VALUE as the config gets it: a Python literal (``12``, ``[8, 16]``, ``{'a': False}``, ``None``) when
+    it is one, else the string (a path, ``$@bundle_root + '/x'``)."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text

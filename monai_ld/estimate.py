@@ -18,8 +18,9 @@ __all__ = ["estimate_source"]
 def estimate_source(pipe: Any, input_path: str | os.PathLike, given: Mapping[str, Any] | None = None,
                     oracle: str | os.PathLike | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(source, estimate)``: the estimated attributes of ``input_path`` overridden by ``given``, and what was
-    estimated (``{"values", "confidence", "given", "predictor"}``; confidence = the class probability for a categorical
-    attribute, None for a continuous one: the regression head gives no probability).
+    estimated (``{"values", "confidence", "given", "clipped", "predictor"}``; confidence = the class probability for a
+    categorical attribute, None for a continuous one: the regression head gives no probability; a continuous estimate
+    outside the attribute's declared range is clipped to it, its raw value kept in ``clipped``).
 
     Raises:
         FileNotFoundError: no predictor (``oracle``, default ``oracle.pt`` beside the model checkpoint).
@@ -36,6 +37,12 @@ def estimate_source(pipe: Any, input_path: str | os.PathLike, given: Mapping[str
     probs = predictor.predict_normalised(x)
     confidence = {n: (round(float(p.max()), 4) if p.ndim > 1 else None) for n, p in probs.items()}
     given = dict(given or {})
+    clipped = {}
+    for a in predictor.encoder.attributes:  # a regression head can overshoot the declared range: the code cannot
+        v = values.get(a.name)
+        if isinstance(v, float) and hasattr(a, "low") and not a.low <= v <= a.high:
+            clipped[a.name] = round(v, 2)
+            values[a.name] = min(max(v, a.low), a.high)
     values = {n: (round(v, 2) if isinstance(v, float) else v) for n, v in values.items()}
     return {**values, **given}, {"values": values, "confidence": confidence, "given": sorted(given),
-                                 "predictor": str(path.resolve())}
+                                 "clipped": clipped, "predictor": str(path.resolve())}

@@ -14,6 +14,7 @@ import argparse
 import json
 from pathlib import Path
 
+from .bundle_cli import add_set_option
 from .settings import EditSettings
 
 CONFIG = "configs/evaluate.json"
@@ -34,6 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: the bundle's choice)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    add_set_option(p)
 
 
 def add_parser(subparsers) -> None:
@@ -85,15 +87,16 @@ def _ints(text: str, name: str) -> list[int]:
 def _parser(args: argparse.Namespace):
     from monai.bundle import ConfigParser
 
-    from .bundles import resolve_bundle
-
     from .bundle_support import config_files
+    from .bundles import config_value, parse_overrides, resolve_bundle
 
     bundle = resolve_bundle(args.bundle, needs=CONFIG)
     parser = ConfigParser()
     parser.read_config(config_files(bundle, Path(CONFIG).name))  # configs/common.json + configs/evaluate.json
     parser["bundle_root"] = str(bundle.resolve())
     parser["output_dir"] = str(Path(args.output_dir))
+    for key, text in parse_overrides(args.set).items():  # first: the named options below win
+        parser[key] = config_value(text)
     if args.manifest is not None:
         m = Path(args.manifest)
         if not m.is_file():

@@ -127,7 +127,7 @@ def test_ema_weights_are_the_running_average_of_the_iterates(tmp_path):
 
 
 def _checkpoint_iterations(ckpts: Path) -> list[int]:
-    return sorted((int(p.name.split("=")[1][:-3]) for p in ckpts.glob("checkpoint_*=*.pt")), reverse=True)
+    return sorted((int(p.name.split("=")[1][:-3]) for p in ckpts.glob("*_checkpoint_*=*.pt")), reverse=True)
 
 
 def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
@@ -151,7 +151,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
     # READABLE checkpoint
     def readable(iteration):
         try:
-            torch.load(next(ckpts.glob(f"checkpoint_*={iteration}.pt")), map_location="cpu", weights_only=True)
+            torch.load(next(ckpts.glob(f"*_checkpoint_*={iteration}.pt")), map_location="cpu", weights_only=True)
             return True
         except Exception:
             return False

@@ -139,12 +139,13 @@ def _loss(output: Mapping[str, Any]) -> float:
     return float(output["loss"])
 
 
-def _latest_checkpoint(ckpt_dir: Path) -> tuple[Path, frozenset[str]] | None:
-    """The newest checkpoint that loads, with the names of the objects it holds. MONAI's ``CheckpointSaver`` writes
-    non-atomically, so a run killed while saving leaves a truncated newest file: skip it and resume from the one
-    before."""
+def _latest_checkpoint(ckpt_dir: Path, name: str) -> tuple[Path, frozenset[str]] | None:
+    """The newest checkpoint of the job ``name`` that loads, with the names of the objects it holds (files are
+    prefixed with the job's name, so jobs sharing a work dir never resume from each other's networks). MONAI's
+    ``CheckpointSaver`` writes non-atomically, so a run killed while saving leaves a truncated newest file: skip it and
+    resume from the one before."""
     found = []
-    for p in ckpt_dir.glob("checkpoint_*.pt"):
+    for p in ckpt_dir.glob(f"{name}_checkpoint_*.pt"):
         m = re.search(r"=(\d+)\.pt$", p.name)
         if m:
             found.append((int(m.group(1)), p))
@@ -194,7 +195,7 @@ def fit(run: TrainingRun, network: torch.nn.Module, params: Sequence[torch.nn.Pa
         ema.attach(trainer, name="ema_momentum", warn_if_exists=False)
         save_dict["ema"] = ema.ema_model
     start_iteration, load_dict, ema_from_weights = 0, save_dict, False
-    if run.resume and (found := _latest_checkpoint(ckpt_dir)) is not None:
+    if run.resume and (found := _latest_checkpoint(ckpt_dir, run.name)) is not None:
         latest, held = found
         if ema is not None and "ema" not in held:  # a run started without EMA: average from the resumed weights on
             load_dict, ema_from_weights = {k: v for k, v in save_dict.items() if k != "ema"}, True
@@ -205,7 +206,7 @@ def fit(run: TrainingRun, network: torch.nn.Module, params: Sequence[torch.nn.Pa
         logger.info("%s: resuming from %s (iteration %d)", run.name, latest, start_iteration)
     if rank == 0:
         CheckpointSaver(save_dir=str(ckpt_dir), save_dict=save_dict, save_interval=run.checkpoint_every,
-                        epoch_level=False, n_saved=2, file_prefix="checkpoint").attach(trainer)
+                        epoch_level=False, n_saved=2, file_prefix=run.name).attach(trainer)
         TensorBoardStatsHandler(log_dir=str(run.work_dir / "tensorboard"), output_transform=_loss,
                                 tag_name=f"{run.name}_loss").attach(trainer)
         StatsHandler(name="monai_ld.train", output_transform=_loss,

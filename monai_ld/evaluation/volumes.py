@@ -307,6 +307,10 @@ def load_pair_labels(manifest: str, pairs: Sequence[Mapping], notes: dict | None
     from monai.data import MetaTensor
     from monai.transforms import LoadImage, ResampleToMatch
 
+    if pairs and getattr(pairs[0]["image"], "ndim", 4) != 4:  # (1, *spatial): the structures are 3D brain ones
+        if notes is not None:
+            notes["volumes"] = "regional volumes are measured on 3D brain label maps only: not measured for 2D images"
+        return None
     rows = {r["image_id"]: r for r in read_manifest(manifest, _NoAttributes(), required=("image_id", "path"))}
     if not all((rows.get(p["image_id"], {}).get("label_path") or "").strip() for p in pairs):
         if notes is not None:
