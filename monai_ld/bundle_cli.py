@@ -135,13 +135,14 @@ def _campaign(bundle: Path, args: argparse.Namespace) -> int:
     if args.export:
         from monai.bundle import ConfigParser
 
+        from .bundle_support import config_files
         from .campaign import export_model
 
         parser = ConfigParser()
-        parser.read_config(str(cfg))
+        parser.read_config(config_files(bundle, cfg.name))  # over configs/common.json, as the campaign runs
         parser["bundle_root"] = str(bundle)
         out = export_model(parser.get_parsed_content("campaign_dir"), args.export, parser.get_parsed_content("attributes"),
-                           parser.get_parsed_content("preprocessing"), parser.get_parsed_content("defaults"))
+                           parser.get_parsed_content("preprocessing_spec"), parser.get_parsed_content("defaults"))
         print(f"exported the campaign's model to {out}")
         return 0
     ignored = [f for f, v in (("--max-iterations", args.max_iterations), ("--drift", args.drift)) if v is not None]

@@ -158,9 +158,9 @@ INFERENCE_CONFIGS = (COMMON_CONFIG, "inference.json")  # what `python -m monai.b
 def config_files(bundle: str | os.PathLike, *names: str) -> list[str]:
     """The ``--config_file`` list of a bundle job: ``<bundle>/configs/common.json`` first, then ``names`` (e.g.
     ``train_diffusion.json``, ``multi_gpu_train.json``), as model-zoo bundles merge them; a clear error when a file is
-    missing. ``campaign.json`` stands alone (it is not merged over ``common.json``)."""
+    missing."""
     configs = Path(bundle) / "configs"
-    files = [configs / n for n in ((COMMON_CONFIG, *names) if names[:1] != ("campaign.json",) else names)]
+    files = [configs / n for n in (COMMON_CONFIG, *names)]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
         raise FileNotFoundError(f"bundle config(s) not found: {', '.join(missing)}")

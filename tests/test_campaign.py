@@ -20,7 +20,7 @@ from monai_ld.engines.campaign import RngState, StagePlan, warmup_cosine
 
 BRAIN = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_counterfactual"
 TINY = [
-    "--phantoms#n", "8", "--phantoms#size", "24", "--preprocessing#spatial_size", "[16,16,16]",
+    "--phantoms#n", "8", "--phantoms#size", "24", "--preprocessing_spec#spatial_size", "[16,16,16]",
     "--preprocessing#pixdim", "[11.5,11.5,11.5]",
     "--autoencoder#config", "{'spatial_dims': 3, 'in_channels': 1, 'out_channels': 1, 'latent_channels': 4, "
     "'channels': [8, 16], 'num_res_blocks': 1, 'attention_levels': [False, False], 'norm_num_groups': 8, "
@@ -39,13 +39,18 @@ TINY = [
 def _bundle(root: Path) -> Path:
     b = root / "brain"
     (b / "configs").mkdir(parents=True)
-    for f in ("campaign.json", "metadata.json", "logging.conf"):
+    for f in ("common.json", "campaign.json", "metadata.json", "logging.conf"):
         shutil.copy(BRAIN / "configs" / f, b / "configs" / f)
     return b
 
 
+def _configs(b: Path) -> str:
+    """campaign.json over the bundle's common.json, as ``monai-ld train --campaign`` merges them."""
+    return str([str(b / "configs" / "common.json"), str(b / "configs" / "campaign.json")])
+
+
 def _cmd(b: Path) -> list[str]:
-    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs" / "campaign.json"),
+    return [sys.executable, "-m", "monai.bundle", "run", "--config_file", _configs(b),
             "--meta_file", str(b / "configs" / "metadata.json"), *TINY]
 
 
@@ -106,8 +111,9 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
     from monai_ld.campaign import export_model
     from monai_ld.networks.model import ConditionalLDM
 
-    cfg = json.loads((a / "configs" / "campaign.json").read_text())
-    path = export_model(a / "campaign", tmp_path / "model.pt", cfg["attributes"], {**cfg["preprocessing"], "spatial_size": [16] * 3})
+    cfg = json.loads((a / "configs" / "common.json").read_text())
+    path = export_model(a / "campaign", tmp_path / "model.pt", cfg["attributes"],
+                        {**cfg["preprocessing_spec"], "spatial_size": [16] * 3})
     m = ConditionalLDM.load(path)
     assert m.meta["campaign"]["diffusion"]["iterations"] == 4
     assert all(torch.equal(m.unet.state_dict()[k], v) for k, v in _state(a, "diffusion")["ema"].items())
@@ -222,7 +228,7 @@ def test_campaign_config_at_its_real_sizes(tmp_path):
     """The shipped campaign config's own networks and grid (64³, 2× autoencoder, 32³ latents), two iterations per
     stage on a few subjects: catches a config that cannot run (shapes, attention, memory) before a long campaign."""
     b = _bundle(tmp_path)
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(b / "configs" / "campaign.json"),
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", _configs(b),
            "--meta_file", str(b / "configs" / "metadata.json"), "--phantoms#n", "8", "--diffusion#train_extra#n", "2",
            "--autoencoder#total_iterations", "2", "--autoencoder#warmup", "1", "--autoencoder#val_images", "2",
            "--autoencoder#val_pairs", "1", "--diffusion#total_iterations", "2", "--diffusion#warmup", "1",
