@@ -22,7 +22,7 @@ from monai.transforms import RandSpatialCropd
 
 from .bundle_support import ensure_phantoms, load_samples
 from .conditioning import NULL_VALUE, AttributeEncoder
-from .engines.campaign import CampaignLog, RandomBatches, RngState, StagePlan, read_state, train_stage
+from .engines.campaign import CampaignLog, RandomBatches, RngState, StagePlan, grow_state, read_state, train_stage
 from .engines.losses import AutoencoderKLLoss
 from .engines.prepare_batch import AutoencoderPrepareBatch, LatentDriftPrepareBatch
 from .engines.training import AUTOENCODER_FORMAT, encode_latents, scale_factor_from_latents
@@ -30,7 +30,8 @@ from .networks.model import ConditionalLDM, atomic_torch_save
 from .networks.presets import build_autoencoder, build_scheduler, build_unet
 from .settings import EditSettings
 
-__all__ = ["run_campaign", "campaign_autoencoder", "export_autoencoder", "export_model", "STAGES"]
+__all__ = ["run_campaign", "campaign_autoencoder", "export_autoencoder", "export_model", "condition_alignment",
+           "alignment_pairs", "STAGES"]
 
 STAGES = ("autoencoder", "diffusion", "all")
 logger = logging.getLogger("monai_ld.campaign")
@@ -141,6 +142,66 @@ def _denoising_loss(unet: torch.nn.Module, scheduler: Any, val: Sequence[Mapping
             "val_condition_gain": (sum(null) - sum(losses)) / len(losses)}
 
 
+def condition_alignment(unet: torch.nn.Module, scheduler: Any, pairs: Mapping[str, Any],
+                        timesteps: Sequence[int] = (100, 250, 500), seed: int = 4321) -> dict:
+    """Does the network move the image the way the intervention does? ``pairs``: val ground-truth pairs as latents,
+    ``{"z": (N, C, *spatial) factual, "true": (N, C, *spatial) E(exact counterfactual) - E(factual), "source",
+    "target": (N, 1, dim) condition codes, "groups": [intervened attribute per pair]}``.
+
+    At each ``t``, the factual latent is noised (fixed noise) and the UNet's clean-latent estimate under the target
+    minus under the source condition is the change it attributes to the intervention. Returns the mean cosine of that
+    change with the true one per group (``val_align_<attribute>``; 0 for a network ignoring the attributes, and for
+    one whose change goes elsewhere) and ``val_change_ratio`` (median norm of the model's change over the true one's)."""
+    g = torch.Generator().manual_seed(seed)
+    dev = next(unet.parameters()).device
+    z, true = pairs["z"].to(dev), pairs["true"].to(dev)
+    cos = torch.zeros(z.shape[0], device=dev)
+    ratio = torch.zeros(z.shape[0], device=dev)
+    with torch.no_grad():
+        for t in timesteps:
+            ab = scheduler.alphas_cumprod[t].item()
+            noise = torch.randn(z.shape, generator=g).to(dev)
+            ts = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
+            noisy = scheduler.add_noise(z, noise, ts)
+            d_eps = unet(noisy, timesteps=ts, context=pairs["target"].to(dev)) - unet(noisy, timesteps=ts,
+                                                                                       context=pairs["source"].to(dev))
+            change = (-((1.0 - ab) / ab) ** 0.5 * d_eps).flatten(1)  # x0 = (z_t - sqrt(1 - ab) eps) / sqrt(ab)
+            cos += torch.nn.functional.cosine_similarity(change, true.flatten(1), dim=1) / len(timesteps)
+            ratio += change.norm(dim=1) / true.flatten(1).norm(dim=1).clamp_min(1e-12) / len(timesteps)
+    out = {f"val_align_{name}": float(cos[[i for i, n in enumerate(pairs["groups"]) if n == name]].mean())
+           for name in sorted(set(pairs["groups"]))}
+    return {**out, "val_change_ratio": float(ratio.median())}
+
+
+def alignment_pairs(ae: torch.nn.Module, pairs: Sequence[Mapping[str, Any]], encoder: AttributeEncoder, device: str,
+                    sf: float) -> dict:
+    """:func:`condition_alignment`'s input from ground-truth pairs (:func:`~.evaluation.pairs.load_counterfactual_pairs`)."""
+    if not pairs:
+        return {"groups": []}
+    code = lambda a: encoder.encode(a).reshape(1, -1).float()  # noqa: E731
+    zx, _ = _latents(ae, [{"image": p["image"], "condition": code(p["source"])} for p in pairs], device, sf)
+    zg, _ = _latents(ae, [{"image": p["ground_truth"], "condition": code(p["target"])} for p in pairs], device, sf)
+    z = torch.stack([x["image"] for x in zx]).cpu()
+    return {"z": z, "true": torch.stack([x["image"] for x in zg]).cpu() - z,
+            "source": torch.stack([code(p["source"]) for p in pairs]), "target": torch.stack([code(p["target"]) for p in pairs]),
+            "groups": ["+".join(p["intervened"]) or "none" for p in pairs]}
+
+
+def _grow_unet(path: Path, prior: dict, unet: torch.nn.Module, ucfg: dict) -> None:
+    """The config asks for the saved UNet plus a condition embedding (``"condition_embedding": true`` added): rewrite
+    the state for it (:func:`grow_state`), training continues from the saved iteration. Any other change is an error."""
+    was = dict(prior["meta"]["unet"])
+    if {k: v for k, v in ucfg.items() if k != "condition_embedding"} != was or not ucfg.get("condition_embedding"):
+        raise ValueError(f"the diffusion UNet config changed since {path} was saved ({was} -> {ucfg}); only adding "
+                         f'"condition_embedding": true continues a stage. Move the file away to start the stage afresh')
+    grown = grow_state(prior, build_unet(was), unet)
+    it = int(prior["trainer"]["iteration"])
+    grown["meta"] = {**prior["meta"], "unet": ucfg, "condition_embedding_from": it}
+    atomic_torch_save(grown, path)
+    logger.warning("diffusion: the UNet gained a condition embedding at iteration %d (state rewritten; the new layer "
+                   "starts at zero, so the network computes what it did until training moves it)", it)
+
+
 def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> dict:
     plan = _plan(section)
     ae = campaign_autoencoder(ctx["dir"])
@@ -161,11 +222,15 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     sf = float(prior["meta"]["scale_factor"]) if prior is not None else None
     train_lat, sf = _latents(ae, samples, ctx["save"]["device"], sf)
     val_lat, _ = _latents(ae, val, ctx["save"]["device"], sf)
+    align = alignment_pairs(ae, _val_pairs(ctx["manifest"], ctx["preprocessing"], ctx["encoder"],
+                                           int(section.get("val_pairs", 12))), ctx["encoder"], ctx["save"]["device"], sf)
     del samples, val
     seed = ctx["seed"]
     torch.manual_seed(seed)
     ucfg = dict(section["unet"])
     unet = build_unet(ucfg)
+    if prior is not None and dict(prior["meta"]["unet"]) != ucfg:
+        _grow_unet(ctx["dir"] / "diffusion.state.pt", prior, unet, ucfg)
     scheduler = build_scheduler(dict(section["scheduler"]))
     g_batches, g_noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     prepare = LatentDriftPrepareBatch(scheduler, drift=float(section.get("drift", 0.0)),
@@ -177,7 +242,9 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     return train_stage("diffusion", unet, RandomBatches(train_lat, plan.batch_size, g_batches), torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
                        RngState({"batches": g_batches, "noise": g_noise}), deadline,
-                       validate=lambda net: _denoising_loss(net, scheduler, val_lat), meta=meta,
+                       validate=lambda net: {**_denoising_loss(net, scheduler, val_lat),
+                                             **(condition_alignment(net, scheduler, align) if align["groups"] else {})},
+                       meta=meta,
                        optimizer_state_dtype=section.get("optimizer_state_dtype"), autocast=section.get("autocast"),
                        **ctx["save"])
 

@@ -21,7 +21,7 @@ from monai_ld.engines.campaign import RngState, StagePlan, warmup_cosine
 BRAIN = Path(__file__).resolve().parents[1] / "bundles" / "brain_mri_counterfactual"
 TINY = [
     "--phantoms#n", "8", "--phantoms#size", "24", "--preprocessing_spec#spatial_size", "[16,16,16]",
-    "--preprocessing#pixdim", "[11.5,11.5,11.5]",
+    "--preprocessing_spec#pixdim", "[11.5,11.5,11.5]",
     "--autoencoder#config", "{'spatial_dims': 3, 'in_channels': 1, 'out_channels': 1, 'latent_channels': 4, "
     "'channels': [8, 16], 'num_res_blocks': 1, 'attention_levels': [False, False], 'norm_num_groups': 8, "
     "'with_encoder_nonlocal_attn': False, 'with_decoder_nonlocal_attn': False}",
@@ -127,6 +127,40 @@ def _tensors(obj) -> list[torch.Tensor]:
     if isinstance(obj, (list, tuple)):
         return [t for v in obj for t in _tensors(v)]
     return []
+
+
+def test_campaign_grows_a_condition_embedding_and_continues(tmp_path):
+    """Adding ``"condition_embedding": true`` to the diffusion UNet's config continues the stage from its state: the
+    trained weights, EMA and Adam moments are kept (the new layer starts at zero, so the network computes what it
+    did), the iteration count goes on, and the new path trains. Any other change to the UNet config is one error."""
+    from monai_ld.engines.campaign import grow_state
+    from monai_ld.networks.presets import build_unet
+
+    b = _bundle(tmp_path)
+    subprocess.run(_cmd(b), check=True, capture_output=True, timeout=300)
+    before = _state(b, "diffusion")
+    unet = dict(before["meta"]["unet"])
+    old, new = build_unet(unet), build_unet({**unet, "condition_embedding": True})
+    grown = grow_state(before, old, new)
+    old.load_state_dict(before["ema"])
+    new.load_state_dict(grown["ema"])
+    x, t, c = torch.randn(2, 4, 8, 8, 8), torch.tensor([10, 600]), torch.rand(2, 1, unet["cross_attention_dim"])
+    assert torch.equal(old(x, t, context=c), new(x, t, context=c))
+    opt = torch.optim.Adam(new.parameters())
+    opt.load_state_dict(grown["optimizer"])  # moments at their new positions
+    by_name = dict(zip([n for n, _ in new.named_parameters()], opt.param_groups[0]["params"]))
+    first = next(n for n, _ in old.named_parameters())
+    assert torch.allclose(opt.state[by_name[first]]["exp_avg"].float(), before["optimizer"]["state"][0]["exp_avg"].float())
+
+    grow = ["--diffusion#unet#condition_embedding", "True", "--diffusion#total_iterations", "6"]
+    r = subprocess.run(_cmd(b) + grow, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = _state(b, "diffusion")
+    assert after["trainer"]["iteration"] == 6 and after["meta"]["condition_embedding_from"] == 4
+    assert after["meta"]["unet"]["condition_embedding"] is True
+    assert after["network"]["class_embedding.2.weight"].abs().sum() > 0  # the new path trained from zero
+    r = subprocess.run(_cmd(b) + grow + ["--diffusion#unet#channels", "[8, 16]"], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "only adding" in r.stderr
 
 
 def test_compact_optimizer_state_loads_back_as_float32():

@@ -82,12 +82,15 @@ def inject_lora(unet: nn.Module, rank: int = 4, alpha: float | None = None,
 
 def inject_context_adapter(unet: nn.Module) -> list[nn.Parameter]:
     """Route the condition through one shared identity-initialised ``dim × dim`` matrix before every cross-attention
-    key/value projection (the textual-inversion analogue: the UNet stays frozen, only how the condition is embedded
-    is learned). Returns the adapter's parameters."""
+    key/value projection and an :class:`~monai_ld.networks.presets.AttributeUNet`'s condition embedding (the
+    textual-inversion analogue: the UNet stays frozen, only how the condition is embedded is learned). Returns the
+    adapter's parameters."""
     names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear) and ".attn2." in f".{n}" and n.rsplit(".", 1)[-1] in ("to_k", "to_v")]
     if not names:
         raise ValueError("the UNet has no cross-attention (with_conditioning=False?): nothing to adapt")
     dim = unet.get_submodule(names[0]).in_features
+    # an AttributeUNet also reads the code into its time embedding: through the same matrix
+    names += [n for n, m in unet.named_modules() if n == "class_embedding.0" and isinstance(m, nn.Linear) and m.in_features == dim]
     adapter = nn.Linear(dim, dim, bias=False)
     with torch.no_grad():
         adapter.weight.copy_(torch.eye(dim))

@@ -33,7 +33,8 @@ from monai.handlers import LrScheduleHandler
 
 from ..networks.model import atomic_torch_save
 
-__all__ = ["AutocastInferer", "StagePlan", "RandomBatches", "RngState", "CampaignLog", "train_stage", "read_state", "warmup_cosine"]
+__all__ = ["AutocastInferer", "StagePlan", "RandomBatches", "RngState", "CampaignLog", "train_stage", "read_state", "warmup_cosine",
+           "grow_state"]
 
 logger = logging.getLogger("monai_ld.campaign")
 
@@ -196,6 +197,29 @@ class AutocastInferer:
         with torch.autocast(self.device_type, dtype=self.dtype):
             out = self.inferer(*args, **kwargs)
         return out.float()
+
+
+def grow_state(state: dict, old: torch.nn.Module, new: torch.nn.Module) -> dict:
+    """A stage's ``state`` for ``new``, a network holding every parameter of ``old`` (by name) plus new modules: the
+    weights and EMA keep what was trained, the new modules take ``new``'s initialisation (e.g. a zero last layer, so
+    the network computes what it did), Adam's moments move to the parameters' new positions (new ones start without
+    any, as Adam starts every parameter), iteration, schedule and RNGs continue. A network missing one of ``old``'s
+    parameters, or with another shape for one, is an error: that is a restart, not a growth."""
+    old_names = [n for n, _ in old.named_parameters()]
+    new_params = dict(new.named_parameters())
+    bad = [n for n, q in old.named_parameters() if n not in new_params or new_params[n].shape != q.shape]
+    if bad:
+        raise ValueError(f"the new network does not hold the old one's parameters {bad[:3]}: start the stage afresh")
+    position = {n: i for i, n in enumerate(new_params)}
+    fresh = new.state_dict()
+    out = dict(state)
+    for key in ("network", "ema"):
+        if key in state:
+            out[key] = {**fresh, **state[key]}
+    opt = state["optimizer"]
+    out["optimizer"] = {"state": {position[old_names[i]]: v for i, v in opt["state"].items()},
+                        "param_groups": [{**opt["param_groups"][0], "params": list(range(len(new_params)))}]}
+    return out
 
 
 def _compact(optimizer_state: dict, dtype: torch.dtype) -> dict:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler, RFlowScheduler
 
-__all__ = ["SIZES", "autoencoder_config", "unet_config", "scheduler_config", "build_autoencoder", "build_unet", "build_scheduler"]
+__all__ = ["SIZES", "autoencoder_config", "unet_config", "scheduler_config", "build_autoencoder", "build_unet", "build_scheduler",
+           "AttributeUNet"]
 
 SIZES = ("tiny", "small", "large")
 
@@ -84,8 +86,39 @@ def build_autoencoder(config: dict[str, Any]) -> AutoencoderKL:
     return AutoencoderKL(**config)
 
 
+class AttributeUNet(DiffusionModelUNet):
+    """MONAI's ``DiffusionModelUNet`` whose time embedding also carries the attribute code (``unet_config``'s
+    ``"condition_embedding": true``): MONAI's class-label embedding generalised to a code vector, an MLP of the
+    condition added to the time embedding, so every residual block at every resolution sees the attributes (cross-
+    attention sees them only at its attention levels). Called as any UNet here, ``unet(x, timesteps, context=code)``;
+    the MLP reads the same ``(N, 1, dim)`` code. Its last layer starts at zero: a network given this path later (an
+    older checkpoint's weights) computes exactly what it did until training moves it."""
+
+    def __init__(self, condition_embedding: bool = True, **config: Any):
+        super().__init__(**config)
+        if not config.get("with_conditioning") or not config.get("cross_attention_dim"):
+            raise ValueError("condition_embedding needs with_conditioning=True and cross_attention_dim (the code size)")
+        dim, emb = int(config["cross_attention_dim"]), self.time_embed[-1].out_features
+        self.num_class_embeds = dim  # MONAI's forward adds self.class_embedding(class_labels) to the time embedding
+        self.class_embedding = torch.nn.Sequential(torch.nn.Linear(dim, emb), torch.nn.SiLU(), torch.nn.Linear(emb, emb))
+        torch.nn.init.zeros_(self.class_embedding[-1].weight)
+        torch.nn.init.zeros_(self.class_embedding[-1].bias)
+
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None,
+                class_labels: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+        if class_labels is None:
+            if context is None:
+                raise ValueError("AttributeUNet needs the attribute code (context, (N, 1, dim))")
+            class_labels = context.reshape(context.shape[0], -1)
+        return super().forward(x, timesteps, context=context, class_labels=class_labels, **kwargs)
+
+
 def build_unet(config: dict[str, Any]) -> DiffusionModelUNet:
-    return DiffusionModelUNet(**config)
+    """The UNet of a config dict: :class:`AttributeUNet` when it says ``"condition_embedding": true``."""
+    cfg = dict(config)
+    if cfg.pop("condition_embedding", False):
+        return AttributeUNet(**cfg)
+    return DiffusionModelUNet(**cfg)
 
 
 def _build_rflow(cfg: dict[str, Any], steps: int) -> RFlowScheduler:
