@@ -23,6 +23,7 @@ read back with ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 
@@ -225,7 +226,10 @@ def attribute_targets(rows: Sequence[Mapping | None], encoder: AttributeEncoder)
     return out
 
 
-def _oracle_loss(oracle: AttributeOracle, out: dict, targets: dict, idx: torch.Tensor) -> torch.Tensor:
+def _oracle_loss(oracle: AttributeOracle, out: dict, targets: dict, idx: torch.Tensor,
+                 weights: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Σ w·MSE (continuous, [0, 1] scale) + Σ w·cross-entropy (categorical) over the rows that carry each attribute
+    (``weights``: per attribute, 1 when absent)."""
     total = out[oracle.encoder.names[0]].new_zeros(())
     for a in oracle.encoder.attributes:
         vals, known = targets[a.name]
@@ -234,9 +238,10 @@ def _oracle_loss(oracle: AttributeOracle, out: dict, targets: dict, idx: torch.T
             continue
         o = out[a.name][known]
         if isinstance(a, ContinuousAttribute):
-            total = total + F.mse_loss(o, vals[known].to(o))
+            term = F.mse_loss(o, vals[known].to(o))
         else:
-            total = total + F.cross_entropy(o, vals[known].to(o.device))
+            term = F.cross_entropy(o, vals[known].to(o.device))
+        total = total + float((weights or {}).get(a.name, 1.0)) * term
     return total
 
 
@@ -251,6 +256,9 @@ def train_oracle(
     seed: int = 0,
     device: str | torch.device = "cpu",
     oracle: AttributeOracle | None = None,
+    loss_weights: Mapping[str, float] | None = None,
+    augmentation: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+    cosine_lr: bool = False,
     **oracle_kwargs,
 ) -> AttributeOracle:
     """Train an :class:`AttributeOracle` on real images and their attributes (plain seeded Adam loop).
@@ -263,6 +271,10 @@ def train_oracle(
         seed: seeds initialisation and shuffling (without touching the global RNG state).
         oracle: an existing oracle to continue training; otherwise one is built with ``oracle_kwargs``
             (``channels``, ``conv1_kernel``, ...), ``spatial_dims`` / ``in_channels`` taken from ``images``.
+        loss_weights: per-attribute weights of the loss terms (1 when absent).
+        augmentation: ``(batch, generator) -> batch`` applied to each training batch (e.g.
+            :class:`~.oracle_training.Augmentation`), drawing from the loop's seeded generator.
+        cosine_lr: anneal the learning rate to 0 over the run (cosine).
 
     Returns:
         the oracle in eval mode; ``oracle.history`` lists ``{"epoch", "loss"}``.
@@ -280,21 +292,26 @@ def train_oracle(
             oracle = AttributeOracle(encoder, spatial_dims=images.ndim - 2, in_channels=images.shape[1], **oracle_kwargs)
         oracle.to(device)
         opt = torch.optim.Adam(oracle.parameters(), lr=lr, weight_decay=weight_decay)
-        g = torch.Generator().manual_seed(seed)
         n = images.shape[0]
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs * math.ceil(n / batch_size), 1)) \
+            if cosine_lr else None
+        g = torch.Generator().manual_seed(seed)
         for epoch in range(epochs):
             oracle.train()
             perm = torch.randperm(n, generator=g)
             total, count = 0.0, 0
             for i in range(0, n, batch_size):
                 idx = perm[i : i + batch_size]
-                if idx.numel() < 2 and n >= 2:  # BatchNorm needs > 1 sample per batch
+                if idx.numel() < 2:  # BatchNorm needs > 1 sample per batch
                     idx = torch.cat([idx, perm[:1]])
-                out = oracle(images[idx].to(device))
-                loss = _oracle_loss(oracle, out, targets, idx)
+                x = images[idx] if augmentation is None else augmentation(images[idx], g)
+                out = oracle(x.to(device))
+                loss = _oracle_loss(oracle, out, targets, idx, loss_weights)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
                 total += float(loss.detach()) * idx.numel()
                 count += idx.numel()
             oracle.history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})

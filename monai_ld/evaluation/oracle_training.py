@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -17,12 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..conditioning import AttributeEncoder, CategoricalAttribute
 from ..utils import log_progress, set_threads
 from .axioms import effectiveness
-from .oracle import AttributeOracle, attribute_targets
+from .oracle import AttributeOracle, train_oracle
 from .pairs import load_reference
 from .report import write_json
 
@@ -87,57 +85,13 @@ def fit_oracle(
     device: str = "cpu",
     **oracle_kwargs: Any,
 ) -> AttributeOracle:
-    """Train an :class:`AttributeOracle` as ``training`` says (default :class:`OracleTraining`); ``oracle_kwargs``
-    build the network (``channels``, ...)."""
+    """Train an :class:`AttributeOracle` as ``training`` says (default :class:`OracleTraining`: weighted loss,
+    augmentation, cosine learning rate; :func:`~.oracle.train_oracle`'s loop); ``oracle_kwargs`` build the network
+    (``channels``, ...)."""
     t = training or OracleTraining()
-    targets = attribute_targets(rows, encoder)
-    weights = {a.name: float(t.loss_weights.get(a.name, 1.0)) for a in encoder.attributes}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(t.seed)
-        oracle = AttributeOracle(encoder, spatial_dims=images.ndim - 2, in_channels=images.shape[1], **oracle_kwargs).to(device)
-        opt = torch.optim.Adam(oracle.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-        n = images.shape[0]
-        steps = t.epochs * math.ceil(n / t.batch_size)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
-        g = torch.Generator().manual_seed(t.seed)
-        for epoch in range(t.epochs):
-            oracle.train()
-            perm = torch.randperm(n, generator=g)
-            total, count = 0.0, 0
-            for i in range(0, n, t.batch_size):
-                idx = perm[i : i + t.batch_size]
-                if idx.numel() < 2:
-                    idx = torch.cat([idx, perm[:1]])
-                x = t.augmentation(images[idx], g).to(device)
-                out = oracle(x)
-                loss = _weighted_loss(oracle, out, targets, idx, weights)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * idx.numel()
-                count += idx.numel()
-            oracle.history.append({"epoch": epoch + 1, "loss": total / max(count, 1)})
-    oracle.eval()
-    return oracle
-
-
-def _weighted_loss(oracle: AttributeOracle, out: dict, targets: dict, idx: torch.Tensor, weights: Mapping[str, float]):
-    """Σ w·MSE (continuous, [0, 1] scale) + Σ w·cross-entropy (categorical) over the rows that carry each attribute."""
-    total = out[oracle.encoder.names[0]].new_zeros(())
-    for a in oracle.encoder.attributes:
-        vals, known = targets[a.name]
-        vals, known = vals[idx], known[idx]
-        if not known.any():
-            continue
-        o = out[a.name][known]
-        if isinstance(a, CategoricalAttribute):
-            term = F.cross_entropy(o, vals[known].to(o.device))
-        else:
-            term = F.mse_loss(o, vals[known].to(o))
-        total = total + weights[a.name] * term
-    return total
-
+    return train_oracle(images, rows, encoder, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                        weight_decay=t.weight_decay, seed=t.seed, device=device, loss_weights=t.loss_weights,
+                        augmentation=t.augmentation, cosine_lr=True, **oracle_kwargs)
 
 
 def train_oracle_from_manifest(
