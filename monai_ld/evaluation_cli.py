@@ -126,30 +126,50 @@ def _evaluate(parser, item: str) -> dict:
         raise _unwrap(e) from None
 
 
+def _set(parser, args: argparse.Namespace, options: dict) -> None:
+    """``parser[key] = convert(value)`` for each ``option: (key, convert)`` the command line gave."""
+    for option, (key, convert) in options.items():
+        value = getattr(args, option)
+        if value is not None:
+            parser[key] = convert(value)
+
+
+def _existing(path: str) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"sweep report '{path}' does not exist")
+    return str(Path(path).resolve())
+
+
+def _drifts(text: str):
+    from .evaluation import parse_drifts
+
+    return parse_drifts(text)
+
+
+def _grid(text: str):
+    grid = _drifts(text)
+    if "searched" in grid:
+        raise ValueError("sweep-drift --drifts takes numbers only")
+    return grid
+
+
+def _same(v):
+    return v
+
+
+EVALUATE_OPTIONS = {"split": ("split", _same), "max_subjects": ("max_subjects", _same),
+                    "axiom_subjects": ("axiom_subjects", _same), "drifts": ("drifts", _drifts),
+                    "composition_steps": ("composition_steps", lambda t: _ints(t, "--composition-steps")),
+                    "main_drift": ("main_drift", _same), "sweep_report": ("sweep_report", _existing),
+                    "sweep_subjects": ("sweep#max_subjects", _same), "sweep_drifts": ("sweep#drifts", _same)}
+SWEEP_OPTIONS = {"split": ("sweep#split", _same), "max_subjects": ("sweep#max_subjects", _same),
+                 "drifts": ("sweep#drifts", _grid), "objective": ("sweep#objective", _same),
+                 "distance": ("sweep#distance", _same), "lam": ("sweep#lam", _same)}
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     parser = _parser(args)
-    if args.split is not None:
-        parser["split"] = args.split
-    if args.max_subjects is not None:
-        parser["max_subjects"] = args.max_subjects
-    if args.axiom_subjects is not None:
-        parser["axiom_subjects"] = args.axiom_subjects
-    if args.drifts is not None:
-        from .evaluation import parse_drifts
-
-        parser["drifts"] = parse_drifts(args.drifts)
-    if args.composition_steps is not None:
-        parser["composition_steps"] = _ints(args.composition_steps, "--composition-steps")
-    if args.main_drift is not None:
-        parser["main_drift"] = args.main_drift
-    if args.sweep_report is not None:
-        if not Path(args.sweep_report).is_file():
-            raise FileNotFoundError(f"sweep report '{args.sweep_report}' does not exist")
-        parser["sweep_report"] = str(Path(args.sweep_report).resolve())
-    if args.sweep_subjects is not None:
-        parser["sweep#max_subjects"] = args.sweep_subjects
-    if args.sweep_drifts is not None:
-        parser["sweep#drifts"] = args.sweep_drifts
+    _set(parser, args, EVALUATE_OPTIONS)
     report = _evaluate(parser, "evaluate")
     out = Path(args.output_dir)
     m = report["metrics"]
@@ -161,23 +181,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     parser = _parser(args)
-    if args.split is not None:
-        parser["sweep#split"] = args.split
-    if args.max_subjects is not None:
-        parser["sweep#max_subjects"] = args.max_subjects
-    if args.drifts is not None:
-        from .evaluation import parse_drifts
-
-        grid = parse_drifts(args.drifts)
-        if "searched" in grid:
-            raise ValueError("sweep-drift --drifts takes numbers only")
-        parser["sweep#drifts"] = grid
-    if args.objective is not None:
-        parser["sweep#objective"] = args.objective
-    if args.distance is not None:
-        parser["sweep#distance"] = args.distance
-    if args.lam is not None:
-        parser["sweep#lam"] = args.lam
+    _set(parser, args, SWEEP_OPTIONS)
     report = _evaluate(parser, "sweep_drift")
     print(f"wrote {Path(args.output_dir) / 'report.json'}: best δ = {report['best_drift']:g} ({report['objective']})")
     return 0
