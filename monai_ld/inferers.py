@@ -169,23 +169,14 @@ class LatentDriftInferer(LatentDiffusionInferer):
         diffusion_model: Any,
         source_condition: torch.Tensor | None,
         target_condition: torch.Tensor,
-        strength: float = 0.5,
-        guidance_scale: float | None = 3.0,
         drift: Drift | None = None,
-        inversion_drift: Drift = 0.0,
         scheduler: Any | None = None,
-        mode: str = "crossattn",
-        abduction: Abduction | str = Abduction.INVERSION,
-        composition: Composition | str = Composition.NONE,
-        cfg_fill_value: float = -1.0,
-        generator: Generators | None = None,
-        verbose: bool = False,
-        mask_threshold: float | None = None,
-        mask_samples: int = 4,
+        **options: Any,
     ) -> CounterfactualOutput:
         """What ``inputs`` ``(B, C, H, W[, D])`` would look like under ``target_condition``: abduction -> action ->
-        prediction with this inferer's latent scale, scheduler and δ (``drift=None``: the constructor's); the
-        arguments are :func:`monai_ld.sampling.counterfactual`'s.
+        prediction with this inferer's latent scale, scheduler and δ (``drift=None``: the constructor's).
+        ``options`` are :func:`monai_ld.sampling.counterfactual`'s (``strength``, ``guidance_scale``, ``abduction``,
+        ``composition``, ``generator``, ``mask_threshold``, ...), stated once there.
 
         Returns:
             :class:`CounterfactualOutput` with ``image`` of the same shape and dtype as ``inputs``.
@@ -193,11 +184,8 @@ class LatentDriftInferer(LatentDiffusionInferer):
         return edit.counterfactual(
             inputs, partial(self.encode, autoencoder_model=autoencoder_model),
             partial(self.decode, autoencoder_model=autoencoder_model), diffusion_model, scheduler or self.scheduler,
-            source_condition, target_condition, strength=strength, guidance_scale=guidance_scale,
-            drift=self._drift(drift), inversion_drift=inversion_drift, mode=mode, abduction=abduction,
-            composition=composition, cfg_fill_value=cfg_fill_value, generator=generator,
-            drift_initial_noise=self.drift_initial_noise, mask_threshold=mask_threshold, mask_samples=mask_samples,
-            verbose=verbose,
+            source_condition, target_condition, drift=self._drift(drift),
+            **{"drift_initial_noise": self.drift_initial_noise, **options},
         )
 
 
