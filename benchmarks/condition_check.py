@@ -81,6 +81,9 @@ def align(unet, scheduler, enc, cfg, ae, sf: float, n_pairs: int) -> None:
           f"condition, clean-latent estimate at t = 100, 250, 500) with the true latent change:")
     for k, v in m.items():
         print(f"   {k}: {v:.4f} (against the next pair's true change: {shuffled[k]:.4f})")
+    for t in (50, 100, 250, 500):  # where in the noise range the response lives
+        mt = condition_alignment(unet, scheduler, lat, timesteps=(t,))
+        print(f"   t = {t}: " + ", ".join(f"{k} {v:.4f}" for k, v in mt.items()))
 
 
 def main() -> None:
