@@ -202,6 +202,30 @@ def _grow_unet(path: Path, prior: dict, unet: torch.nn.Module, ucfg: dict) -> No
                    "starts at zero, so the network computes what it did until training moves it)", it)
 
 
+def _pair_samples(ctx: dict, spec: Mapping[str, Any], ae: torch.nn.Module, sf: float) -> list[dict]:
+    """Training samples from longitudinal pairs (``diffusion.pairs``): ``n`` subjects of another seed's phantoms, each
+    rendered under its own and one changed set of attributes (every row is training data; none is a val or test
+    identity). A pair gives four samples: each image under its own condition, and each image's latent under the
+    other's condition with the other as its ``counterfactual`` (see :class:`LatentDriftPrepareBatch`)."""
+    from .evaluation.pairs import load_counterfactual_pairs
+
+    m = ensure_phantoms(str(spec["data_dir"]), spec.get("kind", "brain"), int(spec["n"]), int(spec["size"]),
+                        int(spec["seed"]), ("train", "val", "test"))
+    lat = alignment_pairs(ae, load_counterfactual_pairs(m, ctx["preprocessing"], ctx["encoder"], None), ctx["encoder"],
+                          ctx["save"]["device"], sf)
+    out = []
+    for z, d, source, target in zip(lat["z"], lat["true"], lat["source"], lat["target"]):
+        zc = z + d
+        out += [{"image": z, "condition": source}, {"image": zc, "condition": target},
+                {"image": z, "condition": target, "counterfactual": zc}, {"image": zc, "condition": source, "counterfactual": z}]
+    return out
+
+
+def _own_counterfactual(sample: dict) -> dict:
+    """A row without a partner is its own counterfactual (zero shift: the plain denoising target)."""
+    return sample if "counterfactual" in sample else {**sample, "counterfactual": sample["image"]}
+
+
 def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> dict:
     plan = _plan(section)
     ae = campaign_autoencoder(ctx["dir"])
@@ -225,21 +249,34 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     align = alignment_pairs(ae, _val_pairs(ctx["manifest"], ctx["preprocessing"], ctx["encoder"],
                                            int(section.get("val_pairs", 12))), ctx["encoder"], ctx["save"]["device"], sf)
     del samples, val
+    pairs = section.get("pairs")
+    if pairs:
+        paired = _pair_samples(ctx, pairs, ae, sf)
+        logger.info("diffusion: %d paired samples from %d longitudinal pairs", len(paired), len(paired) // 4)
+        train_lat += paired
     seed = ctx["seed"]
     torch.manual_seed(seed)
     ucfg = dict(section["unet"])
     unet = build_unet(ucfg)
     if prior is not None and dict(prior["meta"]["unet"]) != ucfg:
         _grow_unet(ctx["dir"] / "diffusion.state.pt", prior, unet, ucfg)
+    if prior is not None and pairs and "pairs" not in prior["meta"]:  # paired supervision joins a running stage
+        state = read_state(ctx["dir"] / "diffusion.state.pt")
+        state["meta"] = {**state["meta"], "pairs": dict(pairs), "pairs_from": int(state["trainer"]["iteration"])}
+        atomic_torch_save(state, ctx["dir"] / "diffusion.state.pt")
+        logger.warning("diffusion: paired counterfactual supervision from iteration %d", state["trainer"]["iteration"])
     scheduler = build_scheduler(dict(section["scheduler"]))
     g_batches, g_noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     prepare = LatentDriftPrepareBatch(scheduler, drift=float(section.get("drift", 0.0)),
                                       drift_target=section.get("drift_target", "shifted"),
-                                      condition_dropout=float(section.get("condition_dropout", 0.15)), generator=g_noise)
+                                      condition_dropout=float(section.get("condition_dropout", 0.15)), generator=g_noise,
+                                      counterfactual_name="counterfactual" if pairs else None)
     meta = {"train_samples": len(train_lat), "autoencoder_iteration": ae_it, "unet": ucfg,
             "scheduler": dict(section["scheduler"]), "scale_factor": sf,
-            "drift": float(section.get("drift", 0.0)), "drift_target": section.get("drift_target", "shifted")}
-    return train_stage("diffusion", unet, RandomBatches(train_lat, plan.batch_size, g_batches), torch.nn.MSELoss(), prepare,
+            "drift": float(section.get("drift", 0.0)), "drift_target": section.get("drift_target", "shifted"),
+            **({"pairs": dict(pairs)} if pairs else {})}
+    batches = RandomBatches(train_lat, plan.batch_size, g_batches, _own_counterfactual if pairs else None)
+    return train_stage("diffusion", unet, batches, torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
                        RngState({"batches": g_batches, "noise": g_noise}), deadline,
                        validate=lambda net: {**_denoising_loss(net, scheduler, val_lat),

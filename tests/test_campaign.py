@@ -163,6 +163,23 @@ def test_campaign_grows_a_condition_embedding_and_continues(tmp_path):
     assert r.returncode != 0 and "only adding" in r.stderr
 
 
+def test_campaign_adds_longitudinal_pairs_to_a_running_stage(tmp_path):
+    """``diffusion.pairs`` renders another seed's subjects with a changed-attribute partner each and trains on them
+    (both images under their own condition, and each under the other's condition with the other as its target);
+    added to a running stage, it continues from the saved iteration and records where the pairs began."""
+    b = _bundle(tmp_path)
+    subprocess.run(_cmd(b), check=True, capture_output=True, timeout=300)
+    pairs = ["--diffusion#pairs", f"{{'data_dir': '{tmp_path / 'pairs'}', 'n': 3, 'size': 24, 'seed': 2}}",
+             "--diffusion#total_iterations", "6"]
+    r = subprocess.run(_cmd(b) + pairs, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    after = _state(b, "diffusion")
+    assert after["trainer"]["iteration"] == 6 and after["meta"]["pairs_from"] == 4 and after["meta"]["pairs"]["n"] == 3
+    rows = list(csv.DictReader(open(tmp_path / "pairs" / "manifest.csv")))
+    assert len(rows) == 6 and sum(bool(r["counterfactual_of"]) for r in rows) == 3
+    assert "12 paired samples from 3 longitudinal pairs" in r.stdout + r.stderr
+
+
 def test_compact_optimizer_state_loads_back_as_float32():
     from monai_ld.engines.campaign import _compact
 

@@ -50,6 +50,34 @@ def test_prepare_batch_applies_forward_drift_and_dropout():
         LatentDriftPrepareBatch(s, condition_dropout=1.5)
 
 
+def test_prepare_batch_paired_rows_target_the_counterfactual():
+    """A paired row: the noisy input is built from the factual latent, and the clean-latent estimate its target implies,
+    (z_t - sqrt(1 - ᾱ) target) / sqrt(ᾱ), is the counterfactual; the row keeps its condition. A row that is its own
+    counterfactual gets the plain target."""
+    s = DDIMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(0)
+    z, zc = torch.randn(64, 3, 4, 4, generator=g), torch.randn(64, 3, 4, 4, generator=g)
+    zc[32:] = z[32:]  # unpaired rows
+    cond = ENC.encode_batch([{"age": 50, "sex": "F"}] * 64).unsqueeze(1)
+    batch = {"image": z, "condition": cond, "counterfactual": zc}
+    pb = LatentDriftPrepareBatch(s, condition_dropout=0.5, generator=torch.Generator().manual_seed(1),
+                                 counterfactual_name="counterfactual")
+    latents, tgt, _, kw = pb(batch)
+    t = kw["timesteps"]
+    ab = s.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    noisy = s.add_noise(latents, kw["noise"], t)
+    x0 = (noisy - (1 - ab).sqrt() * tgt) / ab.sqrt()
+    assert torch.allclose(x0[:32], zc[:32], atol=1e-3 * (1 + (1 / ab[:32]).sqrt().max().item()))
+    assert torch.equal(tgt[32:], kw["noise"][32:])
+    assert not ENC.is_null(kw["condition"][:32]).any()  # paired rows are never dropped
+    assert ENC.is_null(kw["condition"][32:]).any()
+    plain = LatentDriftPrepareBatch(s, condition_dropout=0.5, generator=torch.Generator().manual_seed(1))(batch)
+    assert torch.equal(plain[1][32:], tgt[32:])  # the same draws: pairing changes only the paired rows
+    with pytest.raises(ValueError, match="epsilon"):
+        LatentDriftPrepareBatch(DDIMScheduler(num_train_timesteps=1000, prediction_type="v_prediction"),
+                                counterfactual_name="counterfactual")
+
+
 @pytest.mark.parametrize("inject", ["lora", "embedding"])
 def test_adapters_merge_into_plain_unet_weights(inject):
     torch.manual_seed(0)
