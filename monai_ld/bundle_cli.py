@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .bundles import parse_overrides, resolve_bundle
+from .bundles import config_value, parse_overrides, resolve_bundle
 from .settings import EditSettings
 
 
@@ -141,6 +141,8 @@ def _campaign(bundle: Path, args: argparse.Namespace) -> int:
         parser = ConfigParser()
         parser.read_config(config_files(bundle, cfg.name))  # over configs/common.json, as the campaign runs
         parser["bundle_root"] = str(bundle)
+        for key, value in parse_overrides(args.set).items():  # --set campaign_dir=... exports that campaign
+            parser[key] = config_value(value)
         out = export_model(parser.get_parsed_content("campaign_dir"), args.export, parser.get_parsed_content("attributes"),
                            parser.get_parsed_content("preprocessing_spec"), parser.get_parsed_content("defaults"))
         print(f"exported the campaign's model to {out}")
