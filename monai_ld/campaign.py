@@ -260,11 +260,16 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     unet = build_unet(ucfg)
     if prior is not None and dict(prior["meta"]["unet"]) != ucfg:
         _grow_unet(ctx["dir"] / "diffusion.state.pt", prior, unet, ucfg)
-    if prior is not None and pairs and "pairs" not in prior["meta"]:  # paired supervision joins a running stage
+    if prior is not None and pairs and prior["meta"].get("pairs") != dict(pairs):  # paired supervision joins or changes
         state = read_state(ctx["dir"] / "diffusion.state.pt")
-        state["meta"] = {**state["meta"], "pairs": dict(pairs), "pairs_from": int(state["trainer"]["iteration"])}
+        it = int(state["trainer"]["iteration"])
+        history = list(state["meta"].get("pairs_history", []))
+        if "pairs" in state["meta"]:  # the set it trained on until now stays in the record
+            history.append({**dict(state["meta"]["pairs"]), "from": int(state["meta"].get("pairs_from", 0)), "to": it})
+        state["meta"] = {**state["meta"], "pairs": dict(pairs), "pairs_from": it,
+                         **({"pairs_history": history} if history else {})}
         atomic_torch_save(state, ctx["dir"] / "diffusion.state.pt")
-        logger.warning("diffusion: paired counterfactual supervision from iteration %d", state["trainer"]["iteration"])
+        logger.warning("diffusion: paired counterfactual supervision (%s) from iteration %d", dict(pairs), it)
     scheduler = build_scheduler(dict(section["scheduler"]))
     g_batches, g_noise = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     prepare = LatentDriftPrepareBatch(scheduler, drift=float(section.get("drift", 0.0)),

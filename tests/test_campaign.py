@@ -185,6 +185,14 @@ def test_campaign_adds_longitudinal_pairs_to_a_running_stage(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "pairs" / "manifest.csv")))
     assert len(rows) == 6 and sum(bool(r["counterfactual_of"]) for r in rows) == 3
     assert "12 paired samples from 3 longitudinal pairs" in r.stdout + r.stderr
+    # a larger pair set later on: the record keeps which set trained which iterations
+    cmd[cmd.index("--diffusion#pairs") + 1] = f"{{'data_dir': '{tmp_path / 'pairs'}', 'n': 4, 'size': 24, 'seed': 2}}"
+    r = subprocess.run(cmd + ["--diffusion#total_iterations", "7"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    meta = _state(b, "diffusion")["meta"]
+    assert meta["pairs"]["n"] == 4 and meta["pairs_from"] == 6
+    assert [(h["n"], h["from"], h["to"]) for h in meta["pairs_history"]] == [(3, 4, 6)]
+    assert "16 paired samples from 4 longitudinal pairs" in r.stdout + r.stderr
 
 
 def test_compact_optimizer_state_loads_back_as_float32():
