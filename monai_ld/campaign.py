@@ -221,6 +221,12 @@ def _pair_samples(ctx: dict, spec: Mapping[str, Any], ae: torch.nn.Module, sf: f
     return out
 
 
+def _pair_set(spec: Mapping[str, Any] | None) -> dict:
+    """What defines a pair set (kind, n, size, seed) for the state's record; ``data_dir`` is only the render cache's
+    place, which differs between clones."""
+    return {k: v for k, v in dict(spec or {}).items() if k != "data_dir"}
+
+
 def _own_counterfactual(sample: dict) -> dict:
     """A row without a partner is its own counterfactual (zero shift: the plain denoising target)."""
     return sample if "counterfactual" in sample else {**sample, "counterfactual": sample["image"]}
@@ -260,13 +266,14 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     unet = build_unet(ucfg)
     if prior is not None and dict(prior["meta"]["unet"]) != ucfg:
         _grow_unet(ctx["dir"] / "diffusion.state.pt", prior, unet, ucfg)
-    if prior is not None and pairs and prior["meta"].get("pairs") != dict(pairs):  # paired supervision joins or changes
+    if prior is not None and pairs and _pair_set(prior["meta"].get("pairs")) != _pair_set(pairs):  # joins or changes
         state = read_state(ctx["dir"] / "diffusion.state.pt")
         it = int(state["trainer"]["iteration"])
         history = list(state["meta"].get("pairs_history", []))
         if "pairs" in state["meta"]:  # the set it trained on until now stays in the record
-            history.append({**dict(state["meta"]["pairs"]), "from": int(state["meta"].get("pairs_from", 0)), "to": it})
-        state["meta"] = {**state["meta"], "pairs": dict(pairs), "pairs_from": it,
+            history.append({**_pair_set(state["meta"]["pairs"]), "from": int(state["meta"].get("pairs_from", 0)),
+                            "to": it})
+        state["meta"] = {**state["meta"], "pairs": _pair_set(pairs), "pairs_from": it,
                          **({"pairs_history": history} if history else {})}
         atomic_torch_save(state, ctx["dir"] / "diffusion.state.pt")
         logger.warning("diffusion: paired counterfactual supervision (%s) from iteration %d", dict(pairs), it)
@@ -279,7 +286,7 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     meta = {"train_samples": len(train_lat), "autoencoder_iteration": ae_it, "unet": ucfg,
             "scheduler": dict(section["scheduler"]), "scale_factor": sf,
             "drift": float(section.get("drift", 0.0)), "drift_target": section.get("drift_target", "shifted"),
-            **({"pairs": dict(pairs)} if pairs else {})}
+            **({"pairs": _pair_set(pairs)} if pairs else {})}
     batches = RandomBatches(train_lat, plan.batch_size, g_batches, _own_counterfactual if pairs else None)
     return train_stage("diffusion", unet, batches, torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],

@@ -190,7 +190,7 @@ def test_campaign_adds_longitudinal_pairs_to_a_running_stage(tmp_path):
     r = subprocess.run(cmd + ["--diffusion#total_iterations", "7"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     meta = _state(b, "diffusion")["meta"]
-    assert meta["pairs"]["n"] == 4 and meta["pairs_from"] == 6
+    assert meta["pairs"]["n"] == 4 and meta["pairs_from"] == 6 and "data_dir" not in meta["pairs"]  # a clone's path
     assert [(h["n"], h["from"], h["to"]) for h in meta["pairs_history"]] == [(3, 4, 6)]
     assert "16 paired samples from 4 longitudinal pairs" in r.stdout + r.stderr
 
