@@ -174,7 +174,8 @@ def test_trained_window_from_the_autoencoder_record(tmp_path):
 
 
 def test_shipped_brain_model_window():
-    """The shipped brain autoencoder was trained on 32³ patches (its record), so it tiles at 32³."""
+    """The shipped brain autoencoder (the campaign's, 2× downsampling) was trained on whole 64³ volumes, so it encodes
+    and decodes them whole: its window is the volume, not a patch."""
     ckpt = ROOT / "bundles" / "brain_mri_counterfactual" / "models" / "model.pt"
     if not ckpt.is_file():
         pytest.skip("brain bundle not present")
@@ -182,7 +183,7 @@ def test_shipped_brain_model_window():
 
     pipe = CounterfactualPipeline.from_checkpoint(ckpt, tile_threshold=0)
     ae = pipe.model.autoencoder
-    assert isinstance(ae, TiledAutoencoder) and ae.window == (32, 32, 32) and ae.factor == 4 and ae.threshold == 0
+    assert isinstance(ae, TiledAutoencoder) and ae.window == (64, 64, 64) and ae.factor == 2 and ae.threshold == 0
 
 
 def _bench_quick() -> subprocess.CompletedProcess:
