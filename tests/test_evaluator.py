@@ -17,6 +17,7 @@ from PIL import Image
 
 from monai_ld.cli import main
 from monai_ld.evaluation import (
+    AttributeOracle,
     CounterfactualEvaluator,
     PipelineEditor,
     counterfactual_metrics,
@@ -334,3 +335,22 @@ def test_fit_oracle_learns_with_augmentation():
     base = float((torch.tensor([r["age"] for r in rv]) - 67.5).abs().mean())
     assert acc >= 0.9 and mae < 0.5 * base, (acc, mae, base)
     assert len(o.history) == 30 and o.history[-1]["loss"] < o.history[0]["loss"]
+
+
+def test_oracle_job_trains_on_extra_manifests(tmp_path):
+    """``extra_manifests`` adds every factual row of other sets (other identities) to the training images; validation
+    stays on the main manifest's split."""
+    from monai_ld.data.phantoms.brain import brain_attribute_encoder
+    from monai_ld.data.phantoms.writer import write_phantom_dataset
+    from monai_ld.evaluation.oracle_training import train_oracle_from_manifest
+
+    main_m = write_phantom_dataset("brain", tmp_path / "main", n=6, size=16, seed=0)
+    extra = write_phantom_dataset("brain", tmp_path / "extra", n=4, size=16, seed=1)
+    prep = {"chain": "brain_mri", "spatial_size": [16, 16, 16], "pixdim": [11.5] * 3}
+    attrs = brain_attribute_encoder().to_config()
+    kw = dict(epochs=1, batch_size=4, channels=(4, 8, 8, 16), progress=False)
+    alone = train_oracle_from_manifest(main_m, tmp_path / "a.pt", attrs, prep, **kw)
+    both = train_oracle_from_manifest(main_m, tmp_path / "b.pt", attrs, prep, extra_manifests=[extra], **kw)
+    assert both["n_train"] == alone["n_train"] + 4 and both["n_val"] == alone["n_val"]
+    assert both["extra_manifests"] == ["extra"]
+    assert set(AttributeOracle.load(tmp_path / "b.pt").predict(torch.zeros(1, 1, 16, 16, 16))) == {"age", "sex", "diagnosis"}

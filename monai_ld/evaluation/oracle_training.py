@@ -101,6 +101,7 @@ def train_oracle_from_manifest(
     preprocessing: Mapping[str, Any],
     split: str | Sequence[str] = "train",
     val_split: str | None = "val",
+    extra_manifests: Sequence[str | os.PathLike] = (),
     epochs: int = 40,
     batch_size: int = 16,
     lr: float = 1e-3,
@@ -120,8 +121,10 @@ def train_oracle_from_manifest(
     """Train an :class:`AttributeOracle` on the real images of ``split`` (:func:`fit_oracle`) and save it to ``output``.
 
     The images go through the model's preprocessing chain (the oracle judges counterfactuals in model space).
+    ``extra_manifests``: more training images, every factual row (other identities, e.g. the brain campaign's
+    ``train_extra`` set, which trains the diffusion model too).
     Validation: :func:`~.axioms.effectiveness` of the oracle's predictions against the TRUE attributes of
-    ``val_split`` (accuracy / macro-F1 / MAE per attribute), beside the majority-class / train-mean baselines.
+    ``val_split`` (of ``manifest``) (accuracy / macro-F1 / MAE per attribute), beside the majority-class / train-mean baselines.
     Returns (and writes to ``report`` when given) ``{"output", "n_train", "n_val", "epochs", "final_loss",
     "validation", "validation_baselines", "history", "config", "training", "seconds"}``.
     """
@@ -129,6 +132,9 @@ def train_oracle_from_manifest(
     enc = AttributeEncoder(attributes)
     t0 = time.perf_counter()
     images, rows, _ = load_reference(manifest, preprocessing, enc, split, limit=max_samples)
+    for extra in extra_manifests:
+        more, more_rows, _ = load_reference(extra, preprocessing, enc, None, limit=max_samples)
+        images, rows = torch.cat([images, more]), rows + more_rows
     log_progress(f"oracle: {images.shape[0]} training images {tuple(images.shape[1:])} loaded in {time.perf_counter() - t0:.0f} s", progress)
     training = OracleTraining(epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay,
                               loss_weights=dict(loss_weights or {}), seed=seed,
@@ -136,7 +142,8 @@ def train_oracle_from_manifest(
     oracle = fit_oracle(images, rows, enc, training, device=device, channels=tuple(channels)).cpu()
     result: dict[str, Any] = {"output": str(output), "n_train": int(images.shape[0]), "epochs": int(epochs),
                               "final_loss": oracle.history[-1]["loss"] if oracle.history else None,
-                              "history": oracle.history, "config": oracle.config(), "training": training.record(), "split": split}
+                              "history": oracle.history, "config": oracle.config(), "training": training.record(), "split": split,
+                              "extra_manifests": [os.path.basename(os.path.dirname(os.fspath(m))) for m in extra_manifests]}
     if val_split:
         vimg, vrows, _ = load_reference(manifest, preprocessing, enc, val_split)
         result["n_val"] = int(vimg.shape[0])
