@@ -16,6 +16,7 @@ Choose settings and checkpoints on ``val``; report on ``test``.
 """
 
 import argparse
+import csv
 import json
 import time
 from collections import defaultdict
@@ -28,12 +29,14 @@ from scipy import ndimage as ndi
 from monai_ld import bundle_support
 from monai_ld.evaluation import AttributeOracle, PipelineEditor, ground_truth_error, load_counterfactual_pairs
 from monai_ld.evaluation.pairs import add_latent_oracle
+from monai_ld.evaluation.volume_oracle import VOLUME_FEATURES, VolumeOracle, edited_volumes
 from monai_ld.evaluation.volumes import STRUCTURES, evaluation_volumes, load_pair_labels
 from monai_ld.pipeline import CounterfactualPipeline
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("bundle")
 p.add_argument("--checkpoint", default=None, help="model (default: <bundle>/models/model.pt)")
+p.add_argument("--oracle", default=None, help="attribute oracle (default: <bundle>/models/oracle.pt)")
 p.add_argument("--split", default="val", choices=("val", "test"))
 p.add_argument("--n", type=int, default=24)
 p.add_argument("--steps", type=int, default=None, help="DDIM steps (default: the model's, as the bundle runs)")
@@ -87,7 +90,7 @@ def corr(i: int, edit: torch.Tensor | None = None) -> float:
     return float(torch.corrcoef(torch.stack([pc, tc]))[0, 1])
 
 
-oracle = AttributeOracle.load(b / "models" / "oracle.pt")
+oracle = AttributeOracle.load(a.oracle or b / "models" / "oracle.pt")
 pred = {k: oracle.predict(v) for k, v in (("counterfactual", cf), ("ground_truth", gt), ("input", x))}
 dx_classes = list(pipe.encoder["diagnosis"].classes)
 
@@ -123,9 +126,32 @@ def gt_err(idx: list[int]) -> dict:
             "fraction_closer_than_input": whole["fraction_closer_than_input"]}
 
 
-vols = evaluation_volumes({"input": x, "counterfactual": cf, "ground_truth": gt, "intervened": [q["intervened"] for q in pairs]},
-                          labels)["per_attribute"]
-report = {"bundle": b.name, "checkpoint": str(a.checkpoint or "models/model.pt"), "split": a.split, "n": len(pairs),
+volume_report = evaluation_volumes({"input": x, "counterfactual": cf, "ground_truth": gt,
+                                    "intervened": [q["intervened"] for q in pairs]}, labels)
+vols = volume_report["per_attribute"]
+# the volumetric oracle (diagnosis from regional volumes, fitted on the train split's label-map volumes): the input's
+# label-map volumes plus the change measured from each image; on the exact ground truth's label map as well
+with open(manifest, newline="") as fh:
+    mrows = {r["image_id"]: r for r in csv.DictReader(fh)}
+vol_oracle = VolumeOracle("diagnosis", dx_classes).fit(
+    [r for r in mrows.values() if r["split"] == "train" and not r["counterfactual_of"]])
+
+
+def volume_effect(idx: list[int]) -> dict:
+    want = [pairs[i]["target"]["diagnosis"] for i in idx]
+    src = [mrows[pairs[i]["image_id"]] for i in idx]
+    changes = [volume_report["per_pair"][i] for i in idx]
+    feats = {"counterfactual": [edited_volumes(r, {s: c[s]["predicted"] for s in STRUCTURES}) for r, c in zip(src, changes)],
+             "ground_truth": [edited_volumes(r, {s: c[s]["ground_truth_image"] for s in STRUCTURES})
+                              for r, c in zip(src, changes)],
+             "ground_truth_label_map": [[float(mrows[pairs[i]["gt_id"]][f]) for f in VOLUME_FEATURES] for i in idx],
+             "input": [[float(r[f]) for f in VOLUME_FEATURES] for r in src]}
+    return {"train_accuracy": vol_oracle.train_accuracy, **{
+        k: {"effectiveness": float(np.mean([p == w for p, w in zip(vol_oracle.predict(v), want)]))} for k, v in feats.items()}}
+
+
+report = {"bundle": b.name, "checkpoint": str(a.checkpoint or "models/model.pt"), "oracle": str(a.oracle or "models/oracle.pt"),
+          "split": a.split, "n": len(pairs),
           "settings": {"num_inference_steps": a.steps, "guidance_scale": a.guidance, "strength": a.strength, "drift": a.drift,
                        "mask_threshold": a.mask_threshold, "composition": a.composition, "defaults": pipe.defaults},
           "per_attribute": {}}
@@ -136,7 +162,8 @@ for name, idx in sorted(groups.items()):
                                                          "per_pair": c,
                                                          "latent_oracle": float(np.nanmean([corr(i, bound) for i in idx])),
                                                          "true_change_blurred_1_voxel": float(np.nanmean([corr(i, blur1) for i in idx]))},
-        "oracle": effect(name, idx), "ground_truth_error": gt_err(idx), "volumes": vols.get(name)}
+        "oracle": effect(name, idx), "ground_truth_error": gt_err(idx), "volumes": vols.get(name),
+        **({"volume_oracle": volume_effect(idx)} if name == "diagnosis" else {})}
 report["seconds"] = round(time.perf_counter() - t0, 1)
 out.mkdir(parents=True, exist_ok=True)
 (out / "report.json").write_text(json.dumps(report, indent=2, default=float))
@@ -162,6 +189,14 @@ for name, r in report["per_attribute"].items():
                  f"{_f(o['counterfactual']['effectiveness'], 2)} / {_f(o['ground_truth']['effectiveness'], 2)} / "
                  f"{_f(o['input']['effectiveness'], 2)} | {_f(e['brain_cf_l1'], 5)} / {_f(e['brain_input_l1'], 5)} | "
                  f"{_f(e['brain_cf_ssim'], 4)} / {_f(e['brain_input_ssim'], 4)} |")
+vo = report["per_attribute"].get("diagnosis", {}).get("volume_oracle")
+if vo:
+    lines += ["", "Volumetric oracle (diagnosis from log volumes of ventricles, hippocampi, amygdalae and brain; logistic "
+              f"regression on the train split's label maps, train accuracy {_f(vo['train_accuracy'], 2)}; an image's "
+              "volumes = the input's label-map volumes + the change measured from the image): accuracy on the target "
+              f"class, cf {_f(vo['counterfactual']['effectiveness'], 2)} / GT image (ceiling) "
+              f"{_f(vo['ground_truth']['effectiveness'], 2)} / GT label map {_f(vo['ground_truth_label_map']['effectiveness'], 2)}"
+              f" / input (floor) {_f(vo['input']['effectiveness'], 2)}."]
 lines += ["", "Volume change (image-based; sign agreement with the label-map truth, median |pred| / |true|):", "",
           "| attribute | structure | sign right | magnitude ratio | GT image's own sign / ratio |", "|---|---|---|---|---|"]
 for name, r in report["per_attribute"].items():

@@ -31,7 +31,7 @@ def rows(manifest: Path) -> list[dict]:
 
 
 def features(rs: list[dict]) -> torch.Tensor:
-    return torch.tensor([[float(r[k]) for k in FEATURES] for r in rs], dtype=torch.float64).log()
+    return torch.tensor([[float(r[k]) for k in a.features] for r in rs], dtype=torch.float64).log()
 
 
 def fit(x: torch.Tensor, y: torch.Tensor, l2: float, balanced: bool) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
@@ -53,6 +53,7 @@ def fit(x: torch.Tensor, y: torch.Tensor, l2: float, balanced: bool) -> tuple[to
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 p.add_argument("bundle")
 p.add_argument("--split", default="val", choices=("val", "test"))
+p.add_argument("--features", nargs="+", default=list(FEATURES), choices=FEATURES, help="volume columns (default: all)")
 p.add_argument("--l2", type=float, default=1e-3)
 p.add_argument("--out", default=None, help="write the numbers as JSON here")
 a = p.parse_args()
@@ -70,7 +71,7 @@ if not gts:
     raise SystemExit(f"{b / 'data' / 'manifest.csv'} has no diagnosis ground-truth pairs in split {a.split!r}")
 y_train = torch.tensor([CLASSES.index(r["diagnosis"]) for r in train])
 report = {"split": a.split, "n_train": len(train), "train_classes": dict(Counter(r["diagnosis"] for r in train)),
-          "n_subjects": len(subjects), "n_pairs": len(gts), "features": FEATURES, "l2": a.l2, "fits": {}}
+          "n_subjects": len(subjects), "n_pairs": len(gts), "features": a.features, "l2": a.l2, "fits": {}}
 for balanced in (False, True):
     lin, mu, sd = fit(features(train), y_train, a.l2, balanced)
     with torch.no_grad():
@@ -95,7 +96,7 @@ for balanced in (False, True):
                                                  .double().mean()),
             "per_transition": {k: f"{hit[k]}/{per[k]}" for k in sorted(per)},
         }
-print(f"diagnosis from exact label-map volumes: {report['n_train']} training subjects {report['train_classes']}, "
+print(f"diagnosis from exact label-map volumes ({', '.join(a.features)}): {report['n_train']} training subjects {report['train_classes']}, "
       f"split {a.split}: {report['n_subjects']} subjects, {report['n_pairs']} diagnosis ground-truth pairs")
 print("| fit | subject accuracy | target accuracy: exact GT / input | P(target) rises input -> GT | per transition (GT) |")
 print("|---|---|---|---|---|")

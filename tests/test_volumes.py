@@ -121,3 +121,30 @@ def test_evaluation_report_from_a_phantom_manifest(tmp_path):
     bare.write_text("\n".join(cut) + "\n")
     notes: dict = {}
     assert load_pair_labels(bare, prs, notes) is None and "volumes" in notes
+
+
+def test_volume_oracle_reads_the_diagnosis_from_volumes_and_from_a_measured_change():
+    """Fitted on label-map volumes where the diagnosis shrinks the hippocampus relative to head size, it names the
+    classes; an input's volumes plus a measured AD-sized change read as AD; bad rows get one clear error."""
+    from monai_ld.evaluation import EvaluationError
+    from monai_ld.evaluation.volume_oracle import VOLUME_FEATURES, VolumeOracle, edited_volumes
+
+    g = np.random.default_rng(0)
+    sev = {"CN": 0.0, "MCI": 0.5, "AD": 1.0}
+    rows = []
+    for i in range(90):
+        dx = ("CN", "MCI", "AD")[i % 3]
+        head = g.uniform(0.85, 1.15)
+        rows.append({"diagnosis": dx, "brain_ml": 1400 * head, "ventricle_ml": 15 * head * (1 + 0.3 * sev[dx]),
+                     "hippocampus_ml": 8 * head * (1 - 0.3 * sev[dx]) * g.uniform(0.97, 1.03),
+                     "amygdala_ml": 2 * head * (1 - 0.2 * sev[dx])})
+    vo = VolumeOracle("diagnosis", ("CN", "MCI", "AD")).fit(rows)
+    assert vo.train_accuracy > 0.95
+    cn = rows[0]
+    assert vo.predict([[cn[f] for f in VOLUME_FEATURES]]) == ["CN"]
+    head = cn["brain_ml"] / 1400
+    to_ad = {"ventricles": 4.5 * head, "hippocampus": -2.4 * head, "amygdala": -0.4 * head}
+    assert vo.predict([edited_volumes(cn, to_ad)]) == ["AD"]
+    assert edited_volumes(cn, {"hippocampus": -1e6})[1] == pytest.approx(0.01 * cn["hippocampus_ml"])
+    with pytest.raises(EvaluationError, match="one of"):
+        VolumeOracle("diagnosis", ("CN", "AD")).fit(rows)

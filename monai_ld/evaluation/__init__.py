@@ -6,7 +6,8 @@ minimality, ground-truth error), :mod:`.downstream` (synthetic-vs-real classifie
 (δ grid search), :mod:`.report` (JSON / Markdown / PNG), :mod:`.summaries` (``report.md`` of the evaluation and sweep
 reports), :mod:`.pairs` (ground-truth pairs and reference images from a manifest), :mod:`.evaluator` (an
 ignite/MONAI ``Evaluator`` that edits held-out ground-truth pairs and scores them, with the metrics of
-:mod:`.set_metrics`), :mod:`.oracle_training` (the oracle job of ``configs/train_oracle.json``).
+:mod:`.set_metrics`), :mod:`.oracle_training` (the oracle job of ``configs/train_oracle.json``), :mod:`.volumes` (regional volume change
+from images) and :mod:`.volume_oracle` (a categorical attribute from regional volumes: the brain's second oracle).
 
 This package sits below the pipeline: the model under test comes in as an edit function or a pipeline object. The
 jobs that load a model and write report folders (``monai-ld evaluate`` / ``sweep-drift``) are :mod:`monai_ld.jobs`.
