@@ -9,7 +9,10 @@ true change (gt − input) inside the brain (the input's label map > 0, grown by
 volume changes (ventricles, hippocampus, amygdala; ``monai_ld.evaluation.volumes``) against the label-map truth;
 the oracle's effectiveness on the counterfactual next to the same oracle on the exact ground truth (ceiling) and on
 the untouched input (floor) — diagnosis: accuracy on the target class; age: the share of pairs whose predicted age
-moves in the intended direction (and the MAE to the target); and L1 / SSIM to the ground truth, in the brain and
+moves in the intended direction (and the MAE to the target); for the diagnosis also the volumetric oracle
+(``monai_ld.evaluation.volume_oracle``, fitted on the train split's label-map volumes) on the counterfactual, on the
+autoencoder's latent oracle, on the ground truth and on the input, and the latent oracle's own volume changes (how
+much of each change the autoencoder can carry); and L1 / SSIM to the ground truth, in the brain and
 everywhere, next to the input's. Writes ``report.json``, ``report.md`` and ``figure.png`` (input | counterfactual |
 ground truth | predicted Δ | true Δ, planes through the ventricles and hippocampi of one pair per attribute).
 Choose settings and checkpoints on ``val``; report on ``test``.
@@ -129,6 +132,10 @@ def gt_err(idx: list[int]) -> dict:
 volume_report = evaluation_volumes({"input": x, "counterfactual": cf, "ground_truth": gt,
                                     "intervened": [q["intervened"] for q in pairs]}, labels)
 vols = volume_report["per_attribute"]
+# the same for the autoencoder's latent oracle (a perfect latent edit): how much of each volume change the autoencoder
+# can carry at all
+bound_report = evaluation_volumes({"input": x, "counterfactual": bound, "ground_truth": gt,
+                                   "intervened": [q["intervened"] for q in pairs]}, labels)
 # the volumetric oracle (diagnosis from regional volumes, fitted on the train split's label-map volumes): the input's
 # label-map volumes plus the change measured from each image; on the exact ground truth's label map as well
 with open(manifest, newline="") as fh:
@@ -142,6 +149,8 @@ def volume_effect(idx: list[int]) -> dict:
     src = [mrows[pairs[i]["image_id"]] for i in idx]
     changes = [volume_report["per_pair"][i] for i in idx]
     feats = {"counterfactual": [edited_volumes(r, {s: c[s]["predicted"] for s in STRUCTURES}) for r, c in zip(src, changes)],
+             "latent_oracle": [edited_volumes(r, {s: bound_report["per_pair"][i][s]["predicted"] for s in STRUCTURES})
+                               for r, i in zip(src, idx)],
              "ground_truth": [edited_volumes(r, {s: c[s]["ground_truth_image"] for s in STRUCTURES})
                               for r, c in zip(src, changes)],
              "ground_truth_label_map": [[float(mrows[pairs[i]["gt_id"]][f]) for f in VOLUME_FEATURES] for i in idx],
@@ -163,6 +172,7 @@ for name, idx in sorted(groups.items()):
                                                          "latent_oracle": float(np.nanmean([corr(i, bound) for i in idx])),
                                                          "true_change_blurred_1_voxel": float(np.nanmean([corr(i, blur1) for i in idx]))},
         "oracle": effect(name, idx), "ground_truth_error": gt_err(idx), "volumes": vols.get(name),
+        "latent_oracle_volumes": bound_report["per_attribute"].get(name),
         **({"volume_oracle": volume_effect(idx)} if name == "diagnosis" else {})}
 report["seconds"] = round(time.perf_counter() - t0, 1)
 out.mkdir(parents=True, exist_ok=True)
@@ -194,15 +204,19 @@ if vo:
     lines += ["", "Volumetric oracle (diagnosis from log volumes of ventricles, hippocampi, amygdalae and brain; logistic "
               f"regression on the train split's label maps, train accuracy {_f(vo['train_accuracy'], 2)}; an image's "
               "volumes = the input's label-map volumes + the change measured from the image): accuracy on the target "
-              f"class, cf {_f(vo['counterfactual']['effectiveness'], 2)} / GT image (ceiling) "
+              f"class, cf {_f(vo['counterfactual']['effectiveness'], 2)} / the autoencoder's latent oracle "
+              f"{_f(vo['latent_oracle']['effectiveness'], 2)} / GT image (ceiling) "
               f"{_f(vo['ground_truth']['effectiveness'], 2)} / GT label map {_f(vo['ground_truth_label_map']['effectiveness'], 2)}"
               f" / input (floor) {_f(vo['input']['effectiveness'], 2)}."]
 lines += ["", "Volume change (image-based; sign agreement with the label-map truth, median |pred| / |true|):", "",
-          "| attribute | structure | sign right | magnitude ratio | GT image's own sign / ratio |", "|---|---|---|---|---|"]
+          "| attribute | structure | sign right | magnitude ratio | latent oracle's sign / ratio | GT image's own sign / ratio |",
+          "|---|---|---|---|---|---|"]
 for name, r in report["per_attribute"].items():
     for s, v in ((r["volumes"] or {}).get("structures") or {}).items():
         lab, me = v["vs_label_map"], v["measure_error"]
+        lo = r["latent_oracle_volumes"]["structures"][s]["vs_label_map"]
         lines.append(f"| {name} | {s} | {_f(lab.get('sign_agreement'), 2)} | {_f(lab.get('median_magnitude_ratio'), 2)} | "
+                     f"{_f(lo.get('sign_agreement'), 2)} / {_f(lo.get('median_magnitude_ratio'), 2)} | "
                      f"{_f(me.get('sign_agreement'), 2)} / {_f(me.get('median_magnitude_ratio'), 2)} |")
 (out / "report.md").write_text("\n".join(lines) + "\n")
 print("\n".join(lines))
