@@ -4,7 +4,8 @@
 
 The diagnosis moves only the ventricles (+1.5 mm x severity) and the medial temporal lobe (-1.5 mm x severity), by
 less than the spread of those structures across subjects and ages (age alone moves the ventricles up to 3.6 mm).
-This fits a multinomial logistic regression on the EXACT label-map volumes of every structure (log ml: ventricles,
+This fits the volumetric oracle (``monai_ld.evaluation.volume_oracle.VolumeOracle``: a multinomial logistic
+regression with balanced class weights) on the EXACT label-map volumes of every structure (log ml: ventricles,
 hippocampi, amygdalae, grey and white matter, CSF, brain; read from the manifests, no image model involved) of the
 training subjects (the bundle's ``train`` split plus the campaign's extra training subjects when rendered), and
 scores it where the oracle bar is scored: the diagnosis ground-truth pairs of ``--split`` (accuracy on the intended
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from monai_ld.evaluation.volume_oracle import VolumeOracle
+
 FEATURES = ("ventricle_ml", "hippocampus_ml", "amygdala_ml", "gm_ml", "wm_ml", "csf_ml", "brain_ml")
 CLASSES = ("CN", "MCI", "AD")
 
@@ -28,26 +31,6 @@ CLASSES = ("CN", "MCI", "AD")
 def rows(manifest: Path) -> list[dict]:
     with open(manifest, newline="") as f:
         return list(csv.DictReader(f))
-
-
-def features(rs: list[dict]) -> torch.Tensor:
-    return torch.tensor([[float(r[k]) for k in a.features] for r in rs], dtype=torch.float64).log()
-
-
-def fit(x: torch.Tensor, y: torch.Tensor, l2: float, balanced: bool) -> tuple[torch.nn.Linear, torch.Tensor, torch.Tensor]:
-    mu, sd = x.mean(0), x.std(0)
-    lin = torch.nn.Linear(x.shape[1], len(CLASSES)).double()
-    w = (len(y) / (len(CLASSES) * torch.bincount(y, minlength=len(CLASSES)).clamp(min=1)).double()) if balanced else None
-    opt = torch.optim.LBFGS(lin.parameters(), max_iter=500, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(lin((x - mu) / sd), y, weight=w) + l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return lin, mu, sd
 
 
 p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -69,39 +52,34 @@ gts = [r for r in main if r["split"] == a.split and r["counterfactual_of"]
        and by_id[r["counterfactual_of"]]["diagnosis"] != r["diagnosis"]]
 if not gts:
     raise SystemExit(f"{b / 'data' / 'manifest.csv'} has no diagnosis ground-truth pairs in split {a.split!r}")
-y_train = torch.tensor([CLASSES.index(r["diagnosis"]) for r in train])
+oracle = VolumeOracle("diagnosis", CLASSES, a.features).fit(train, l2=a.l2)  # balanced class weights
+
+
+def vols(rs: list[dict]) -> list[list[float]]:
+    return [[float(r[f]) for f in a.features] for r in rs]
+
+
+want = torch.tensor([CLASSES.index(r["diagnosis"]) for r in gts])
+src, gt = oracle.predict_proba(vols([by_id[r["counterfactual_of"]] for r in gts])), oracle.predict_proba(vols(gts))
+per, hit = Counter(), Counter()
+for r, g in zip(gts, (gt.argmax(1) == want).tolist()):
+    k = f"{by_id[r['counterfactual_of']]['diagnosis']}->{r['diagnosis']}"
+    per[k] += 1
+    hit[k] += g
 report = {"split": a.split, "n_train": len(train), "train_classes": dict(Counter(r["diagnosis"] for r in train)),
-          "n_subjects": len(subjects), "n_pairs": len(gts), "features": a.features, "l2": a.l2, "fits": {}}
-for balanced in (False, True):
-    lin, mu, sd = fit(features(train), y_train, a.l2, balanced)
-    with torch.no_grad():
-        def predict(rs):
-            return lin((features(rs) - mu) / sd).softmax(1)
-        acc = float((predict(subjects).argmax(1) == torch.tensor([CLASSES.index(r["diagnosis"]) for r in subjects]))
-                    .double().mean())
-        want = torch.tensor([CLASSES.index(r["diagnosis"]) for r in gts])
-        src = predict([by_id[r["counterfactual_of"]] for r in gts])
-        gt = predict(gts)
-        per = Counter()
-        hit = Counter()
-        for r, g in zip(gts, (gt.argmax(1) == want).tolist()):
-            k = f"{by_id[r['counterfactual_of']]['diagnosis']}->{r['diagnosis']}"
-            per[k] += 1
-            hit[k] += g
-        report["fits"]["balanced" if balanced else "plain"] = {
-            "subject_accuracy": acc,
-            "gt_target_accuracy": float((gt.argmax(1) == want).double().mean()),
-            "input_target_accuracy": float((src.argmax(1) == want).double().mean()),
-            "gt_target_probability_rises": float((gt.gather(1, want[:, None]) > src.gather(1, want[:, None]))
-                                                 .double().mean()),
-            "per_transition": {k: f"{hit[k]}/{per[k]}" for k in sorted(per)},
-        }
+          "n_subjects": len(subjects), "n_pairs": len(gts), "features": a.features, "l2": a.l2,
+          "train_accuracy": oracle.train_accuracy,
+          "subject_accuracy": float(sum(p == r["diagnosis"] for p, r in zip(oracle.predict(vols(subjects)), subjects))
+                                    / len(subjects)),
+          "gt_target_accuracy": float((gt.argmax(1) == want).double().mean()),
+          "input_target_accuracy": float((src.argmax(1) == want).double().mean()),
+          "gt_target_probability_rises": float((gt.gather(1, want[:, None]) > src.gather(1, want[:, None])).double().mean()),
+          "per_transition": {k: f"{hit[k]}/{per[k]}" for k in sorted(per)}}
 print(f"diagnosis from exact label-map volumes ({', '.join(a.features)}): {report['n_train']} training subjects {report['train_classes']}, "
       f"split {a.split}: {report['n_subjects']} subjects, {report['n_pairs']} diagnosis ground-truth pairs")
-print("| fit | subject accuracy | target accuracy: exact GT / input | P(target) rises input -> GT | per transition (GT) |")
-print("|---|---|---|---|---|")
-for k, f in report["fits"].items():
-    print(f"| {k} | {f['subject_accuracy']:.3f} | {f['gt_target_accuracy']:.3f} / {f['input_target_accuracy']:.3f} | "
-          f"{f['gt_target_probability_rises']:.3f} | {', '.join(f'{t} {v}' for t, v in f['per_transition'].items())} |")
+print("| subject accuracy | target accuracy: exact GT / input | P(target) rises input -> GT | per transition (GT) |")
+print("|---|---|---|---|")
+print(f"| {report['subject_accuracy']:.3f} | {report['gt_target_accuracy']:.3f} / {report['input_target_accuracy']:.3f} | "
+      f"{report['gt_target_probability_rises']:.3f} | {', '.join(f'{t} {v}' for t, v in report['per_transition'].items())} |")
 if a.out:
     Path(a.out).write_text(json.dumps(report, indent=2))
