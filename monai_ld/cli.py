@@ -36,9 +36,11 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from .transforms.io import ImageLoadError  # an unreadable input file: one line, not a traceback
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, ImageLoadError) as e:
         print(f"monai-ld {args.command}: error: {e}", file=sys.stderr)
         return 2
 

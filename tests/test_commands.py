@@ -92,3 +92,16 @@ def test_every_command_runs_on_the_bundle(alias, tmp_path, capsys):
 def test_bad_job_options_get_one_clear_error(argv, message, capsys):
     assert cli_main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_an_unreadable_input_gets_one_line_and_no_output(tmp_path, capsys):
+    """A corrupt file given to ``counterfactual --input``: exit 2, one ``error:`` line naming the file and the accepted
+    formats (no traceback), and no output folder."""
+    bad = tmp_path / "broken.nii.gz"
+    bad.write_bytes(b"not a nifti")
+    argv = ["counterfactual", "--bundle", "brain", "--input", str(bad), "--source", "age=75", "--source", "sex=F",
+            "--source", "diagnosis=CN", "--target", "diagnosis=AD", "--output-dir", str(tmp_path / "out")]
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err and "broken.nii.gz" in err and "Accepted: NIfTI" in err
+    assert not (tmp_path / "out").exists()
