@@ -162,6 +162,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _campaign(bundle, args)
     if args.budget_min is not None or args.threads is not None or args.save_every_min is not None or args.device:
         raise ValueError("--budget-min, --threads, --save-every-min and --device apply to --campaign runs")
+    if args.stage == "decoder":
+        raise ValueError("--stage decoder is a campaign stage (the decoder fine-tuned on a frozen encoder): add --campaign")
     stages = {"autoencoder": ["train_autoencoder.json"], "diffusion": ["train_diffusion.json"],
               "all": ["train_autoencoder.json", "train_diffusion.json"]}[args.stage]
     for cfg in stages:
@@ -243,7 +245,7 @@ def add_parser(sub) -> None:
 
     p = sub.add_parser("train", help="train a bundle's autoencoder and/or diffusion model with its train configs")
     p.add_argument("--bundle", required=True)
-    p.add_argument("--stage", choices=("autoencoder", "diffusion", "all"), default="all")
+    p.add_argument("--stage", choices=("autoencoder", "diffusion", "decoder", "all"), default="all")
     p.add_argument("--max-iterations", type=int)
     p.add_argument("--drift", type=float, help="train the diffusion model with LD forward drift δ")
     p.add_argument("--seed", type=int)

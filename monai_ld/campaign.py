@@ -1,9 +1,11 @@
-"""A bundle's training campaign: autoencoder, then latent diffusion, each resumable across sessions under a budget.
+"""A bundle's training campaign: autoencoder, latent diffusion, then the decoder alone, each resumable across
+sessions under a budget.
 
 ``monai-ld train --bundle brain --stage all --campaign --budget-min 150`` runs the bundle's ``configs/campaign.json``,
-which calls :func:`run_campaign`. The state lives in ``<bundle>/campaign/{autoencoder,diffusion}.state.pt`` (one file
-per network, overwritten, committed), the curve in ``<bundle>/docs/training_log.csv``. Splits: both networks train on
-``train``; every checkpoint is validated on ``val`` (reconstruction, the latent-oracle ceiling on val's ground-truth
+which calls :func:`run_campaign`. The state lives in ``<bundle>/campaign/{autoencoder,diffusion,decoder}.state.pt`` (one
+file per network, overwritten, committed), the curve in ``<bundle>/docs/training_log.csv``. The decoder stage fine-tunes
+the autoencoder's decoding path with the encoder frozen: the latents, and with them the diffusion model, stay valid,
+while the decoder learns to render more of what they carry. Splits: every network trains on ``train``; every checkpoint is validated on ``val`` (reconstruction, the latent-oracle ceiling on val's ground-truth
 pairs, the denoising loss), so ``test`` stays untouched until the final report. The shipped ``models/`` weights are
 replaced only by an explicit :func:`export_model` once the campaign's model meets the bundle's bars.
 """
@@ -21,11 +23,12 @@ from monai.inferers import DiffusionInferer, SimpleInferer
 from monai.transforms import RandSpatialCropd
 
 from .bundle_support import ensure_phantoms, load_samples
-from .conditioning import NULL_VALUE, AttributeEncoder
+from .conditioning import AttributeEncoder
 from .engines.campaign import CampaignLog, RandomBatches, RngState, StagePlan, grow_state, read_state, train_stage
 from .engines.losses import AutoencoderKLLoss
 from .engines.prepare_batch import AutoencoderPrepareBatch, LatentDriftPrepareBatch
 from .engines.training import AUTOENCODER_FORMAT, encode_latents, scale_factor_from_latents
+from .engines.validation import autoencoder_metrics, condition_alignment, denoising_loss
 from .networks.model import ConditionalLDM, atomic_torch_save
 from .networks.presets import build_autoencoder, build_scheduler, build_unet
 from .settings import EditSettings
@@ -33,7 +36,7 @@ from .settings import EditSettings
 __all__ = ["run_campaign", "campaign_autoencoder", "export_autoencoder", "export_model", "condition_alignment",
            "alignment_pairs", "STAGES"]
 
-STAGES = ("autoencoder", "diffusion", "all")
+STAGES = ("autoencoder", "diffusion", "decoder", "all")
 logger = logging.getLogger("monai_ld.campaign")
 
 
@@ -42,36 +45,40 @@ def _plan(section: Mapping[str, Any]) -> StagePlan:
     return StagePlan(**{k: section[k] for k in keys if k in section})
 
 
-def campaign_autoencoder(campaign_dir: str | Path) -> torch.nn.Module:
-    """The campaign's autoencoder (EMA weights when it keeps them), from its state file, in eval mode."""
+class Decoding(torch.nn.Module):
+    """An autoencoder's decoding path, ``decoder(post_quant_conv(z))``, sharing its modules: what the decoder stage
+    trains. Its ``state_dict`` keys are the autoencoder's own, so it loads into one (``strict=False``)."""
+
+    def __init__(self, autoencoder: torch.nn.Module):
+        super().__init__()
+        self.post_quant_conv, self.decoder = autoencoder.post_quant_conv, autoencoder.decoder
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.post_quant_conv(z))
+
+
+def _with_decoder(ae: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+    missing, unexpected = ae.load_state_dict(dict(weights), strict=False)
+    if unexpected or any(k.startswith(("decoder.", "post_quant_conv.")) for k in missing):
+        raise ValueError(f"the decoder state does not fit the autoencoder ({(unexpected or missing)[:3]})")
+    return ae
+
+
+def campaign_autoencoder(campaign_dir: str | Path, decoder: bool = True) -> torch.nn.Module:
+    """The campaign's autoencoder (EMA weights when it keeps them), from its state file, in eval mode; with the decoder
+    stage's decoder when there is one and ``decoder`` (the encoder, hence every latent, is the same either way)."""
     state = read_state(Path(campaign_dir) / "autoencoder.state.pt")
     if state is None:
         raise FileNotFoundError(f"no autoencoder state in {campaign_dir}: run the campaign's autoencoder stage first")
     ae = build_autoencoder(state["meta"]["config"])
     ae.load_state_dict(state.get("ema") or state["network"])
+    dec = read_state(Path(campaign_dir) / "decoder.state.pt") if decoder else None
+    if dec is not None:
+        if int(dec["meta"]["autoencoder_iteration"]) != int(state["trainer"]["iteration"]):
+            raise ValueError(f"the decoder state in {campaign_dir} was fine-tuned from the autoencoder at iteration "
+                             f"{dec['meta']['autoencoder_iteration']}, not the current {state['trainer']['iteration']}")
+        _with_decoder(ae, dec.get("ema") or dec["network"])
     return ae.eval()
-
-
-@torch.no_grad()
-def _autoencoder_metrics(ae: torch.nn.Module, val_images: torch.Tensor, pairs: Sequence[Mapping[str, Any]]) -> dict:
-    """Val reconstruction L1 and, on val's ground-truth pairs, the ceiling the autoencoder allows: the input's L1 to
-    the truth next to ``x + D(E(gt)) - D(E(x))`` (anywhere, and kept inside the true change grown by 2 voxels, as
-    ``benchmarks/gt_check.py --ceilings`` computes it)."""
-    dev = next(ae.parameters()).device
-
-    def auto(x):
-        return torch.cat([ae.decode(ae.encode(x[i : i + 1].to(dev))[0]).cpu() for i in range(x.shape[0])])
-
-    out = {"val_recon_l1": float((auto(val_images) - val_images).abs().mean())}
-    if pairs:
-        x = torch.stack([p["image"] for p in pairs]).float()
-        gt = torch.stack([p["ground_truth"] for p in pairs]).float()
-        oracle = x + auto(gt) - auto(x)
-        grow = torch.nn.functional.max_pool3d if x.ndim == 5 else torch.nn.functional.max_pool2d
-        region = grow(((gt - x).abs() > 0.01).float(), kernel_size=5, stride=1, padding=2)
-        out.update(val_input_l1=float((x - gt).abs().mean()), val_oracle_l1=float((oracle - gt).abs().mean()),
-                   val_oracle_region_l1=float((x + region * (oracle - x) - gt).abs().mean()))
-    return out
 
 
 def _val_pairs(manifest: str, preprocessing: Mapping[str, Any], encoder: AttributeEncoder, n: int) -> list[dict]:
@@ -104,7 +111,7 @@ def _train_autoencoder(ctx: dict, section: Mapping[str, Any], deadline: float) -
                        AutoencoderKLLoss(float(section.get("kl_weight", 1e-6)), "l1", 0.0, int(section["config"]["spatial_dims"])),
                        AutoencoderPrepareBatch(), SimpleInferer(), plan, ctx["dir"] / "autoencoder.state.pt", ctx["log"],
                        RngState({"batches": g}, states), deadline,
-                       validate=lambda ae: _autoencoder_metrics(ae, val_images, pairs), meta={"config": dict(section["config"])},
+                       validate=lambda ae: autoencoder_metrics(ae, val_images, pairs), meta={"config": dict(section["config"])},
                        **ctx["save"])
 
 
@@ -118,59 +125,6 @@ def _latents(ae: torch.nn.Module, samples: Sequence[Mapping[str, Any]], device: 
 def _autoencoder_iteration(campaign_dir: Path) -> int:
     state = read_state(campaign_dir / "autoencoder.state.pt")
     return -1 if state is None else int(state["trainer"]["iteration"])
-
-
-def _denoising_loss(unet: torch.nn.Module, scheduler: Any, val: Sequence[Mapping[str, Any]], seed: int = 1234) -> dict:
-    """Val MSE of the noise prediction at fixed noise and 4 fixed timesteps per latent, under the true condition:
-    comparable across checkpoints (the training loss is not: random timesteps, dropped conditions).
-
-    ``val_condition_gain`` is the same loss under the null condition (the one classifier-free guidance contrasts
-    with) minus the loss under the true one: above 0 only once the network uses the attributes, which an edit needs."""
-    g = torch.Generator().manual_seed(seed)
-    dev = next(unet.parameters()).device
-    z = torch.stack([v["image"] for v in val]).to(dev)
-    cond = torch.stack([v["condition"] for v in val]).to(dev)
-    losses, null = [], []
-    with torch.no_grad():
-        for t in (50, 250, 500, 750):
-            noise = torch.randn(z.shape, generator=g).to(dev)  # drawn on the CPU: the same numbers on any device
-            ts = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
-            noisy = scheduler.add_noise(z, noise, ts)
-            losses.append(float(((unet(noisy, timesteps=ts, context=cond) - noise) ** 2).mean()))
-            null.append(float(((unet(noisy, timesteps=ts, context=torch.full_like(cond, NULL_VALUE)) - noise) ** 2).mean()))
-    return {"val_loss": sum(losses) / len(losses), **{f"val_loss_t{t}": v for t, v in zip((50, 250, 500, 750), losses)},
-            "val_condition_gain": (sum(null) - sum(losses)) / len(losses)}
-
-
-def condition_alignment(unet: torch.nn.Module, scheduler: Any, pairs: Mapping[str, Any],
-                        timesteps: Sequence[int] = (100, 250, 500), seed: int = 4321) -> dict:
-    """Does the network move the image the way the intervention does? ``pairs``: val ground-truth pairs as latents,
-    ``{"z": (N, C, *spatial) factual, "true": (N, C, *spatial) E(exact counterfactual) - E(factual), "source",
-    "target": (N, 1, dim) condition codes, "groups": [intervened attribute per pair]}``.
-
-    At each ``t``, the factual latent is noised (fixed noise) and the UNet's clean-latent estimate under the target
-    minus under the source condition is the change it attributes to the intervention. Returns the mean cosine of that
-    change with the true one per group (``val_align_<attribute>``; 0 for a network ignoring the attributes, and for
-    one whose change goes elsewhere) and ``val_change_ratio`` (median norm of the model's change over the true one's)."""
-    g = torch.Generator().manual_seed(seed)
-    dev = next(unet.parameters()).device
-    z, true = pairs["z"].to(dev), pairs["true"].to(dev)
-    cos = torch.zeros(z.shape[0], device=dev)
-    ratio = torch.zeros(z.shape[0], device=dev)
-    with torch.no_grad():
-        for t in timesteps:
-            ab = scheduler.alphas_cumprod[t].item()
-            noise = torch.randn(z.shape, generator=g).to(dev)
-            ts = torch.full((z.shape[0],), t, dtype=torch.long, device=dev)
-            noisy = scheduler.add_noise(z, noise, ts)
-            d_eps = unet(noisy, timesteps=ts, context=pairs["target"].to(dev)) - unet(noisy, timesteps=ts,
-                                                                                       context=pairs["source"].to(dev))
-            change = (-((1.0 - ab) / ab) ** 0.5 * d_eps).flatten(1)  # x0 = (z_t - sqrt(1 - ab) eps) / sqrt(ab)
-            cos += torch.nn.functional.cosine_similarity(change, true.flatten(1), dim=1) / len(timesteps)
-            ratio += change.norm(dim=1) / true.flatten(1).norm(dim=1).clamp_min(1e-12) / len(timesteps)
-    out = {f"val_align_{name}": float(cos[[i for i, n in enumerate(pairs["groups"]) if n == name]].mean())
-           for name in sorted(set(pairs["groups"]))}
-    return {**out, "val_change_ratio": float(ratio.median())}
 
 
 def alignment_pairs(ae: torch.nn.Module, pairs: Sequence[Mapping[str, Any]], encoder: AttributeEncoder, device: str,
@@ -291,11 +245,43 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
     return train_stage("diffusion", unet, batches, torch.nn.MSELoss(), prepare,
                        DiffusionInferer(scheduler), plan, ctx["dir"] / "diffusion.state.pt", ctx["log"],
                        RngState({"batches": g_batches, "noise": g_noise}), deadline,
-                       validate=lambda net: {**_denoising_loss(net, scheduler, val_lat),
+                       validate=lambda net: {**denoising_loss(net, scheduler, val_lat),
                                              **(condition_alignment(net, scheduler, align) if align["groups"] else {})},
                        meta=meta,
                        optimizer_state_dtype=section.get("optimizer_state_dtype"), autocast=section.get("autocast"),
                        **ctx["save"])
+
+
+def _train_decoder(ctx: dict, section: Mapping[str, Any], deadline: float) -> dict:
+    """Fine-tune the decoding path on ``(E(x) posterior mean, x)`` pairs of the training images (L1), encoder frozen."""
+    import copy
+
+    from monai.engines.utils import default_prepare_batch
+
+    plan = _plan(section)
+    base = campaign_autoencoder(ctx["dir"], decoder=False)
+    samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
+    extra = section.get("train_extra")
+    if extra:
+        m = ensure_phantoms(str(extra["data_dir"]), extra.get("kind", "brain"), int(extra["n"]), int(extra["size"]),
+                            int(extra["seed"]), ())
+        samples += load_samples(m, None, ctx["preprocessing"], ctx["attributes"], limit=extra.get("images"))
+    z = encode_latents(base, samples, device=ctx["save"]["device"])
+    train = [{"image": zi, "label": s["image"]} for zi, s in zip(z, samples)]
+    del samples, z
+    val = load_samples(ctx["manifest"], "val", ctx["preprocessing"], ctx["attributes"], limit=section.get("val_images", 8))
+    val_images = torch.stack([s["image"] for s in val]).float()
+    pairs = _val_pairs(ctx["manifest"], ctx["preprocessing"], ctx["encoder"], int(section.get("val_pairs", 8)))
+
+    def validate(net: torch.nn.Module) -> dict:
+        return autoencoder_metrics(_with_decoder(copy.deepcopy(base), net.state_dict()), val_images, pairs)
+
+    g = torch.Generator().manual_seed(ctx["seed"])
+    ae_it = _autoencoder_iteration(ctx["dir"])
+    return train_stage("decoder", Decoding(copy.deepcopy(base)).train(), RandomBatches(train, plan.batch_size, g),
+                       torch.nn.L1Loss(), default_prepare_batch, SimpleInferer(), plan, ctx["dir"] / "decoder.state.pt",
+                       ctx["log"], RngState({"batches": g}), deadline, validate=validate,
+                       meta={"autoencoder_iteration": ae_it, "train_samples": len(train)}, **ctx["save"])
 
 
 def run_campaign(
@@ -306,6 +292,7 @@ def run_campaign(
     autoencoder: Mapping[str, Any],
     diffusion: Mapping[str, Any],
     stage: str = "all",
+    decoder: Mapping[str, Any] | None = None,
     budget_min: float = 60.0,
     save_every_min: float = 10.0,
     save_every_iterations: int | None = None,
@@ -317,8 +304,8 @@ def run_campaign(
 ) -> dict:
     """Run (or resume) the campaign's stages in order until each is complete or ``budget_min`` is spent.
 
-    ``stage="all"`` trains the autoencoder to its plan's end, then the diffusion model; a stage that is complete is
-    skipped. Returns ``{stage: {"iteration", "complete", "seconds"}}``.
+    ``stage="all"`` trains the autoencoder to its plan's end, then the diffusion model, then (given a ``decoder``
+    section) the decoder; a stage that is complete is skipped. Returns ``{stage: {"iteration", "complete", "seconds"}}``.
     """
     if stage not in STAGES:
         raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {stage!r}")
@@ -351,6 +338,12 @@ def run_campaign(
             done["diffusion"] = {"skipped": "less budget left than the diffusion stage's setup (data, latents) takes"}
             return done
         done["diffusion"] = {k: v for k, v in _train_diffusion(ctx, diffusion, deadline).items() if k != "meta"}
+        if stage == "all" and not done["diffusion"]["complete"]:
+            return done
+    if stage in ("decoder", "all") and decoder:
+        done["decoder"] = {k: v for k, v in _train_decoder(ctx, decoder, deadline).items() if k != "meta"}
+    elif stage == "decoder":
+        raise ValueError("stage 'decoder' needs the campaign config's decoder section")
     logger.info("campaign: %s", done)
     return done
 
@@ -393,8 +386,9 @@ def export_model(campaign_dir: str | Path, output: str | Path, attributes: Seque
     if int(m.get("autoencoder_iteration", ae_state["trainer"]["iteration"])) != int(ae_state["trainer"]["iteration"]):
         raise ValueError(f"the diffusion model was trained on the autoencoder at iteration {m['autoencoder_iteration']}, "
                          f"not on the current one ({ae_state['trainer']['iteration']}): exporting them together is wrong")
+    dec_state = read_state(Path(campaign_dir) / "decoder.state.pt")
     record = {k: {"iterations": int(s["trainer"]["iteration"]), "seconds": round(float(s["seconds"]), 1), "plan": s["plan"]}
-              for k, s in (("autoencoder", ae_state), ("diffusion", d_state))}
+              for k, s in (("autoencoder", ae_state), ("diffusion", d_state), ("decoder", dec_state)) if s is not None}
     model = ConditionalLDM(ae_state["meta"]["config"], m["unet"], list(attributes), scale_factor=m["scale_factor"],
                            scheduler=m["scheduler"], drift=m["drift"], drift_target=m["drift_target"],
                            meta={"preprocessing": dict(preprocessing), "defaults": EditSettings.given(defaults), "campaign": record})

@@ -33,6 +33,8 @@ TINY = [
     "--diffusion#total_iterations", "4", "--diffusion#batch_size", "2", "--diffusion#warmup", "1",
     "--diffusion#train_extra#n", "3", "--diffusion#require_ceiling", "False", "--save_every_iterations", "2",
     "--diffusion#pairs", "$None",  # the bundle trains on longitudinal pairs; the test that adds them sets its own
+    "--decoder#total_iterations", "4", "--decoder#batch_size", "2", "--decoder#warmup", "1",
+    "--decoder#train_extra#n", "3", "--decoder#train_extra#images", "2",
     "--threads", "1",
 ]
 
@@ -72,7 +74,7 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
     killed_at = _state(b, "autoencoder")["trainer"]["iteration"]
     assert killed_at >= 2
     subprocess.run(_cmd(b), check=True, capture_output=True, timeout=300)
-    for name, total in (("autoencoder", 6), ("diffusion", 4)):
+    for name, total in (("autoencoder", 6), ("diffusion", 4), ("decoder", 4)):
         sa, sb = _state(a, name), _state(b, name)
         assert sa["trainer"]["iteration"] == sb["trainer"]["iteration"] == total
         for key in ("network", "ema", "optimizer"):
@@ -88,7 +90,8 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
     assert _state(a, "diffusion")["meta"]["train_samples"] == 6 + 3  # the train split + every subject of the extra set
     rows = list(csv.DictReader(open(a / "docs" / "training_log.csv")))
     assert [(r["stage"], r["iteration"]) for r in rows] == [("autoencoder", "2"), ("autoencoder", "4"),
-                                                           ("autoencoder", "6"), ("diffusion", "2"), ("diffusion", "4")]
+                                                           ("autoencoder", "6"), ("diffusion", "2"), ("diffusion", "4"),
+                                                           ("decoder", "2"), ("decoder", "4")]
     ae_rows = [r for r in rows if r["stage"] == "autoencoder"]
     for r in ae_rows:  # val reconstruction and the ceiling on val's ground-truth pairs, at every checkpoint
         assert all(np.isfinite(float(r[k])) for k in ("val_recon_l1", "val_input_l1", "val_oracle_l1", "val_oracle_region_l1"))
@@ -104,11 +107,12 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
     rows_b = list(csv.DictReader(open(b / "docs" / "training_log.csv")))
     # appended, never rewritten: the killed run's first row stays, the resumed run adds its own
     its_b = [(r["stage"], r["iteration"]) for r in rows_b]
-    assert its_b[0] == ("autoencoder", "2") and its_b[-4:] == [("autoencoder", "4"), ("autoencoder", "6"),
-                                                                 ("diffusion", "2"), ("diffusion", "4")]
+    assert its_b[0] == ("autoencoder", "2") and its_b[-6:] == [("autoencoder", "4"), ("autoencoder", "6"),
+                                                                 ("diffusion", "2"), ("diffusion", "4"),
+                                                                 ("decoder", "2"), ("decoder", "4")]
     # a complete campaign resumes to nothing and exports one model checkpoint
     out = subprocess.run(_cmd(a), check=True, capture_output=True, text=True, timeout=300)
-    assert len(list(csv.DictReader(open(a / "docs" / "training_log.csv")))) == 5, out.stderr[-2000:]
+    assert len(list(csv.DictReader(open(a / "docs" / "training_log.csv")))) == 7, out.stderr[-2000:]
     from monai_ld.campaign import export_model
     from monai_ld.networks.model import ConditionalLDM
 
@@ -118,6 +122,15 @@ def test_campaign_resumes_bit_identical_after_kill(tmp_path):
     m = ConditionalLDM.load(path)
     assert m.meta["campaign"]["diffusion"]["iterations"] == 4
     assert all(torch.equal(m.unet.state_dict()[k], v) for k, v in _state(a, "diffusion")["ema"].items())
+    # the decoder stage: the exported autoencoder is the campaign's encoder with the fine-tuned decoder
+    dec, enc = _state(a, "decoder"), _state(a, "autoencoder")
+    assert m.meta["campaign"]["decoder"]["iterations"] == 4 and dec["meta"]["train_samples"] == 6 + 2
+    ae_sd = m.autoencoder.state_dict()
+    assert set(dec["ema"]) == {k for k in ae_sd if k.startswith(("decoder.", "post_quant_conv."))}
+    assert all(torch.equal(ae_sd[k], v) for k, v in dec["ema"].items())
+    assert not all(torch.equal(enc["network"][k], v) for k, v in dec["ema"].items())  # it trained
+    assert all(torch.equal(ae_sd[k], v) for k, v in enc["network"].items() if k not in dec["ema"])  # encoder frozen
+    assert all(np.isfinite(float(r["val_oracle_region_l1"])) for r in rows if r["stage"] == "decoder")
     # the CLI exports the campaign that --set names (it once exported the bundle's own campaign, silently)
     from monai_ld.cli import main
 
@@ -287,6 +300,8 @@ def test_campaign_cli_errors(capsys):
     assert "--campaign" in capsys.readouterr().err
     assert cli_main(["train", "--bundle", "brain", "--campaign", "--nproc", "2", "--drift", "0.1"]) == 2
     assert "--drift, --nproc do(es) not apply to --campaign" in capsys.readouterr().err
+    assert cli_main(["train", "--bundle", "brain", "--stage", "decoder"]) == 2
+    assert "add --campaign" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -298,10 +313,12 @@ def test_campaign_config_at_its_real_sizes(tmp_path):
            "--meta_file", str(b / "configs" / "metadata.json"), "--phantoms#n", "8", "--diffusion#train_extra#n", "2",
            "--autoencoder#total_iterations", "2", "--autoencoder#warmup", "1", "--autoencoder#val_images", "2",
            "--autoencoder#val_pairs", "1", "--diffusion#total_iterations", "2", "--diffusion#warmup", "1",
-           "--diffusion#val_images", "2", "--diffusion#require_ceiling", "False", "--save_every_iterations", "2"]
+           "--diffusion#val_images", "2", "--diffusion#require_ceiling", "False", "--save_every_iterations", "2",
+           "--decoder#train_extra#n", "2", "--decoder#train_extra#images", "2", "--decoder#total_iterations", "2",
+           "--decoder#warmup", "1", "--decoder#val_images", "2", "--decoder#val_pairs", "1"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=1800)
     d = _state(b, "diffusion")
     assert d["trainer"]["iteration"] == 2 and d["meta"]["train_samples"] == 6 + 2
     assert d["meta"]["unet"]["in_channels"] == 4  # the 2× autoencoder's 4 latent channels
     rows = list(csv.DictReader(open(b / "docs" / "training_log.csv")))
-    assert [r["stage"] for r in rows] == ["autoencoder", "diffusion"]
+    assert [r["stage"] for r in rows] == ["autoencoder", "diffusion", "decoder"]
