@@ -115,6 +115,17 @@ def _train_autoencoder(ctx: dict, section: Mapping[str, Any], deadline: float) -
                        **ctx["save"])
 
 
+def _train_samples(ctx: dict, extra: Mapping[str, Any] | None, extra_limit: int | None = None) -> list[dict]:
+    """The train split's samples, plus (``extra``) the first ``extra_limit`` (default all) rows of another seed's
+    phantoms: other identities, every row of that set training data."""
+    samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
+    if extra:
+        m = ensure_phantoms(str(extra["data_dir"]), extra.get("kind", "brain"), int(extra["n"]), int(extra["size"]),
+                            int(extra["seed"]), ())
+        samples += load_samples(m, None, ctx["preprocessing"], ctx["attributes"], limit=extra_limit)
+    return samples
+
+
 def _latents(ae: torch.nn.Module, samples: Sequence[Mapping[str, Any]], device: str, sf: float | None) -> tuple[list[dict], float]:
     """Posterior-mean latents of ``samples``, scaled by ``sf`` (or ``1/std`` of these latents when ``sf`` is None)."""
     z = encode_latents(ae, samples, device=device)
@@ -195,12 +206,7 @@ def _train_diffusion(ctx: dict, section: Mapping[str, Any], deadline: float) -> 
         raise ValueError(f"the diffusion state was trained on the autoencoder at iteration "
                          f"{prior['meta']['autoencoder_iteration']}, but the autoencoder is now at {ae_it}: its latents "
                          f"changed. Move {ctx['dir'] / 'diffusion.state.pt'} away to start the diffusion stage afresh")
-    samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
-    extra = section.get("train_extra")
-    if extra:  # more training subjects: other identities (another seed), every row of that set is training data
-        m = ensure_phantoms(str(extra["data_dir"]), extra.get("kind", "brain"), int(extra["n"]), int(extra["size"]),
-                            int(extra["seed"]), ())
-        samples += load_samples(m, None, ctx["preprocessing"], ctx["attributes"])
+    samples = _train_samples(ctx, section.get("train_extra"))
     val = load_samples(ctx["manifest"], "val", ctx["preprocessing"], ctx["attributes"], limit=section.get("val_images", 16))
     # the scale is fixed at the stage's start (the model learnt it); the latents are encoded once per session
     sf = float(prior["meta"]["scale_factor"]) if prior is not None else None
@@ -260,12 +266,7 @@ def _train_decoder(ctx: dict, section: Mapping[str, Any], deadline: float) -> di
 
     plan = _plan(section)
     base = campaign_autoencoder(ctx["dir"], decoder=False)
-    samples = load_samples(ctx["manifest"], "train", ctx["preprocessing"], ctx["attributes"])
-    extra = section.get("train_extra")
-    if extra:
-        m = ensure_phantoms(str(extra["data_dir"]), extra.get("kind", "brain"), int(extra["n"]), int(extra["size"]),
-                            int(extra["seed"]), ())
-        samples += load_samples(m, None, ctx["preprocessing"], ctx["attributes"], limit=extra.get("images"))
+    samples = _train_samples(ctx, section.get("train_extra"), section.get("train_extra_images"))
     z = encode_latents(base, samples, device=ctx["save"]["device"])
     train = [{"image": zi, "label": s["image"]} for zi, s in zip(z, samples)]
     del samples, z
@@ -273,8 +274,10 @@ def _train_decoder(ctx: dict, section: Mapping[str, Any], deadline: float) -> di
     val_images = torch.stack([s["image"] for s in val]).float()
     pairs = _val_pairs(ctx["manifest"], ctx["preprocessing"], ctx["encoder"], int(section.get("val_pairs", 8)))
 
+    probe = copy.deepcopy(base)  # the frozen encoder with each checkpoint's decoder loaded over it
+
     def validate(net: torch.nn.Module) -> dict:
-        return autoencoder_metrics(_with_decoder(copy.deepcopy(base), net.state_dict()), val_images, pairs)
+        return autoencoder_metrics(_with_decoder(probe, net.state_dict()), val_images, pairs)
 
     g = torch.Generator().manual_seed(ctx["seed"])
     ae_it = _autoencoder_iteration(ctx["dir"])
